@@ -1,0 +1,124 @@
+"""Reading checkpoints safely, including the authors' released layout (caco.md §11).
+
+The reference saves ``{'epoch', 'arch', 'state_dict', 'optimizer', 'Memory_Bank'}`` where
+``state_dict`` comes from a DDP-wrapped model (``module.encoder_q.*``, ``module.encoder_k.*``
+with torchvision ResNet names and the projector at ``fc.0/1/3/4/6``) and ``Memory_Bank``
+holds ``W`` (dim x K) and ``v`` (its momentum). Our :class:`caco.model.CaCo` uses the same
+names, so loading is a renaming-free, fully checked copy.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caco.model import CaCo
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or not matching the model."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises :class:`CheckpointError` naming the file for a missing, truncated or otherwise
+    unreadable file instead of a deep pickle/zip traceback.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "use another checkpoint file"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
+    return data
+
+
+def _diff_message(what: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    parts = [f"{what} does not fit the model"]
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches", shapes)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            parts.append(f"{label}: {shown}")
+    parts.append("check model.arch / model.dim / model.mlp_dim / model.bank_size against it")
+    return "; ".join(parts)
+
+
+def _checked_state(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(_diff_message(what, missing, unexpected, shapes))
+    return dict(state)
+
+
+def load_reference_checkpoint(
+    model: CaCo, source: str | os.PathLike | Mapping[str, Any], *, require_bank: bool = True
+) -> dict[str, Any]:
+    """Load the authors' checkpoint (a path or an already loaded dict) into ``model``.
+
+    Every encoder_q / encoder_k key must match by name and shape, and the bank's ``W`` and
+    ``v`` must match ``model.bank`` (skip the bank with ``require_bank=False``, e.g. for a
+    checkpoint stripped to the encoder). Returns ``{'epoch', 'arch'}`` as stored.
+    Raises :class:`CheckpointError` naming the offending keys.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "reference checkpoint"
+    ckpt = read_checkpoint(source) if not isinstance(source, Mapping) else source
+    if "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{name} has no 'state_dict' (top-level keys: {sorted(ckpt)}); "
+            "expected the reference layout {'epoch', 'arch', 'state_dict', 'Memory_Bank', ...}"
+        )
+    groups: dict[str, dict[str, torch.Tensor]] = {"encoder_q": {}, "encoder_k": {}}
+    stray = []
+    for key, value in ckpt["state_dict"].items():
+        bare = key.removeprefix("module.")
+        head, _, rest = bare.partition(".")
+        if head in groups:
+            groups[head][rest] = value
+        else:
+            stray.append(key)
+    if stray:
+        raise CheckpointError(_diff_message(f"{name} state_dict", [], stray, []))
+    q_state = _checked_state(model.encoder_q, groups["encoder_q"], f"{name} encoder_q")
+    k_state = _checked_state(model.encoder_k, groups["encoder_k"], f"{name} encoder_k")
+
+    bank_state = None
+    bank = ckpt.get("Memory_Bank")
+    if bank is not None:
+        # The reference calls the momentum buffer 'v'; ours is 'V'.
+        renamed = {"V" if k == "v" else k: v for k, v in dict(bank).items()}
+        bank_state = _checked_state(model.bank, renamed, f"{name} Memory_Bank (W, v)")
+    elif require_bank:
+        raise CheckpointError(
+            f"{name} has no 'Memory_Bank' (W, v); pass require_bank=False to load only encoders"
+        )
+
+    with torch.no_grad():
+        model.encoder_q.load_state_dict(q_state)
+        model.encoder_k.load_state_dict(k_state)
+        if bank_state is not None:
+            model.bank.load_state_dict(bank_state)
+    return {"epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny but real torchvision ResNets so the unit tests run in seconds on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caco.model import CaCo
+
+TINY = dict(arch="resnet18", dim=16, mlp_dim=32, small_stem=True, width=8, blocks=(1, 1, 1, 1))
+
+
+def tiny_caco(bank_size: int = 64, seed: int = 0, **overrides) -> CaCo:
+    torch.manual_seed(seed)
+    return CaCo(**{**TINY, "bank_size": bank_size, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Two cores: oversubscribing them with intra-op threads makes tiny models slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(previous, 2))
+    yield
+    torch.set_num_threads(previous)
