@@ -26,7 +26,7 @@ _EPS = 1e-12
 
 
 class MemoryBank(nn.Module):
-    """``W`` (dim x K, unnormalised) and its momentum ``V``; updated by hand, not by an optimizer."""
+    """``W`` (dim x K, unnormalised) and its momentum ``V``, updated by hand (no optimizer)."""
 
     W: torch.Tensor
     V: torch.Tensor
