@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from caco.errors import CacoError
 from caco.model import CaCo
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CacoError, ValueError):
     """A checkpoint that cannot be used: unreadable, corrupt, or not matching the model."""
 
 
@@ -122,3 +123,43 @@ def load_reference_checkpoint(
         if bank_state is not None:
             model.bank.load_state_dict(bank_state)
     return {"epoch": ckpt.get("epoch"), "arch": ckpt.get("arch")}
+
+
+def save_atomic(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any instant leaves either the previous file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def link_or_copy(src: Path, dst: Path) -> Path:
+    """Publish ``src`` under a second name atomically (hard link if possible)."""
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst

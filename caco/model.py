@@ -182,3 +182,14 @@ class CaCo(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features of the query encoder (what kNN and linear probes use)."""
         return backbone_features(self.encoder_q, x)
+
+
+class Backbone(nn.Module):
+    """A ResNet encoder seen up to its pooled features; its ``fc`` (the projector) is skipped."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return backbone_features(self.encoder, x)

@@ -1,0 +1,42 @@
+"""What the launch scripts call: turn a composed Hydra config into a run, errors into messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from caco.errors import CacoError
+
+log = logging.getLogger("caco")
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def finalize_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Pin values that must not change while the job runs or on resume."""
+    with open_dict(cfg):
+        cfg.output_root = os.path.abspath(str(cfg.output_root))
+        cfg.run_name = run_dir.name
+
+
+def pretrain_main(cfg: DictConfig) -> dict:
+    """Entry of ``launch/pretrain.py``; user-facing errors exit with status 2 and one message."""
+    run_dir = _run_dir()
+    finalize_config(cfg, run_dir)
+    try:
+        from caco.train import Pretrainer
+
+        summary = Pretrainer(cfg, run_dir).run()
+    except CacoError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    log.info("run directory: %s", summary["run_dir"])
+    return summary

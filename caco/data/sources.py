@@ -1,0 +1,83 @@
+"""Labelled image datasets by kind (``data.kind``): ImageFolder trees and Fashion-MNIST.
+
+Each yields ``(transform(PIL RGB image), label)``. Missing roots, empty class folders and
+unreadable images raise :class:`caco.errors.DataError` naming the path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from caco.errors import ConfigError, DataError
+
+KINDS = ("imagefolder", "fashion_mnist")
+
+
+def _subset_indices(n: int, subset: int | None, seed: int = 0) -> np.ndarray | None:
+    """A fixed random subset (same for every run and rank), or None for all ``n``."""
+    if not subset or subset >= n:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n)[:subset])
+
+
+def _read_rgb(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}; remove or replace the file") from None
+
+
+def _imagefolder(root: Path, transform):
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist (data.root must hold train/ and val/)")
+    try:
+        ds = ImageFolder(str(root), transform=transform, loader=_read_rgb)
+    except FileNotFoundError as e:
+        raise DataError(f"data folder {root}: {e}") from None
+    return ds
+
+
+def labelled_split(data: DictConfig, split: str, transform=None, subset: int | None = None):
+    """The ``split`` ('train' or 'val') of the dataset described by the ``data`` config."""
+    kind = data.kind
+    if kind not in KINDS:
+        raise ConfigError(f"data.kind={kind!r} is not supported; choose one of {list(KINDS)}")
+    if kind == "fashion_mnist":
+        from caco.data.fashion_mnist import FashionMNIST
+
+        try:
+            full = FashionMNIST("train" if split == "train" else "test", root=data.root)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
+        idx = _subset_indices(len(full), subset)
+        if idx is not None:
+            full.images, full.labels = full.images[idx], full.labels[idx]
+        full.transform = transform
+        return full
+
+    if data.root is None:
+        raise DataError(
+            "data.root is not set: point it at an ImageNet-style folder with train/ and val/ "
+            "(python launch/pretrain.py data.root=/path/to/imagenet), or try the embedded "
+            "demo: python launch/pretrain.py experiment=demo"
+        )
+    folder = Path(str(data.root)).expanduser() / str(data.get(f"{split}_dir", split))
+    ds = _imagefolder(folder, transform)
+    idx = _subset_indices(len(ds), subset)
+    return torch.utils.data.Subset(ds, idx.tolist()) if idx is not None else ds
+
+
+def num_classes(dataset) -> int:
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return len(base.classes)

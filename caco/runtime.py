@@ -1,0 +1,62 @@
+"""Where and how the same code runs: device, precision, memory format, compile, ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from caco.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    compile: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _auto_bool(value, default: bool, key: str) -> bool:
+    if value == "auto":
+        return default
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}={value!r}: use auto, true or false")
+
+
+def resolve_runtime(cfg: DictConfig) -> Runtime:
+    """Turn the top-level switches (device, precision, channels_last, compile) into a Runtime."""
+    want = str(cfg.device)
+    if want == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif want == "cpu":
+        device = torch.device("cpu")
+    elif want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={want} but no CUDA GPU is visible; use device=cpu or auto")
+        device = torch.device(want)
+    else:
+        raise ConfigError(f"device={want!r}: use auto, cpu or cuda")
+    precision = str(cfg.precision)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision={cfg.precision!r}: use auto, fp32 or bf16")
+    channels_last = _auto_bool(cfg.channels_last, device.type == "cuda", "channels_last")
+    compile_ = _auto_bool(cfg.compile, False, "compile")
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if int(cfg.get("threads", 0)) > 0 and device.type == "cpu":
+        torch.set_num_threads(int(cfg.threads))
+    return Runtime(device, torch.bfloat16 if precision == "bf16" else None, channels_last,
+                   compile_, rank, world)

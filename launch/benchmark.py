@@ -1,0 +1,30 @@
+"""Benchmarks that print numbers: ``python launch/benchmark.py bench=step``.
+
+The last line printed is a JSON object with the measurements (and ``ratio`` against the
+baseline measured in the same run). Choices live in ``configs/bench/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+RUNNERS = {"step": ("caco.bench.step", "StepBenchConfig")}
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    name = cfg.bench.name
+    module_name, config_class = RUNNERS[name]
+    module = importlib.import_module(module_name)
+    settings = OmegaConf.to_container(cfg.bench, resolve=True)
+    settings.pop("name")
+    result = module.run(getattr(module, config_class)(**settings))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

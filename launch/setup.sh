@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up this machine for caco, idempotently:
+#   bash launch/setup.sh          system packages for the demo + the Python package
+#   bash launch/setup.sh --dev    + what the test suite needs (pytest, ruff)
+# System packages come from apt where it is available (root, or passwordless sudo); elsewhere
+# the demo falls back to torchvision's Fashion-MNIST download (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) dev=1 ;;
+    *) echo "setup.sh: unknown option '$arg' (use --dev)" >&2; exit 2 ;;
+  esac
+done
+
+apt_packages=()
+[ -d /usr/share/datasets/fashion-mnist ] || apt_packages+=(dataset-fashion-mnist)
+
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    install() {
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y \
+        --no-install-recommends "${apt_packages[@]}"
+    }
+    if ! install >/tmp/caco-setup-apt.log 2>&1; then
+      $sudo apt-get -o DPkg::Lock::Timeout=600 update >>/tmp/caco-setup-apt.log 2>&1 || true
+      install >>/tmp/caco-setup-apt.log 2>&1 || {
+        echo "setup.sh: could not install ${apt_packages[*]} (see /tmp/caco-setup-apt.log)" >&2
+        exit 1
+      }
+    fi
+    echo "setup.sh: installed ${apt_packages[*]}"
+  else
+    echo "setup.sh: no apt-get here; skipping ${apt_packages[*]} (see README for alternatives)"
+  fi
+fi
+
+extras="."
+[ "$dev" = 1 ] && extras=".[dev]"
+python -m pip install --disable-pip-version-check -q -e "$extras"
+echo "setup.sh: python package installed ($extras)"
