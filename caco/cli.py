@@ -27,6 +27,16 @@ def finalize_config(cfg: DictConfig, run_dir: Path) -> None:
         cfg.run_name = run_dir.name
 
 
+def user_message(error: BaseException) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker, which embeds the
+    worker's traceback, only its last line (the original message)."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def pretrain_main(cfg: DictConfig) -> dict:
     """Entry of ``launch/pretrain.py``; user-facing errors exit with status 2 and one message."""
     run_dir = _run_dir()
@@ -36,7 +46,7 @@ def pretrain_main(cfg: DictConfig) -> dict:
 
         summary = Pretrainer(cfg, run_dir).run()
     except CacoError as e:
-        log.error("%s", e)
+        log.error("%s", user_message(e))
         sys.exit(2)
     log.info("run directory: %s", summary["run_dir"])
     return summary

@@ -1,0 +1,130 @@
+"""The training engine in-process: checkpoints, exact resume, tracking records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_same_weights, compose_pretrain, model_state
+
+from caco.errors import ConfigError
+from caco.train import Pretrainer, validate
+
+SMOKE = ("experiment=smoke", "log_every_steps=0", "eval.knn.final=false")
+
+
+def _cfg(tmp_path, *extra):
+    return compose_pretrain(*SMOKE, f"output_root={tmp_path}", *extra)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One complete 3-epoch smoke run that the resume tests compare against."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cfg = _cfg(root, "epochs=3", "tracking.enabled=false")
+    run_dir = root / "runs" / "full"
+    summary = Pretrainer(cfg, run_dir).run()
+    assert summary["status"] == "finished"
+    return run_dir
+
+
+def test_checkpoint_layout_and_milestones(uninterrupted):
+    ckpts = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert ckpts == ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"]
+    ckpt = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["step_in_epoch"] == 0
+    assert {"model", "optimizer", "rng", "config", "schedules", "data_seed",
+            "mlflow_run_id"} <= set(ckpt)
+    assert ckpt["config"]["model"]["arch"] == "resnet18"
+    assert "bank.W" in ckpt["model"] and "encoder_k.fc.6.weight" in ckpt["model"]
+    assert_same_weights(ckpt["model"], model_state(uninterrupted / "checkpoints/epoch_0003.pt"))
+    assert (uninterrupted / "config.yaml").exists()
+
+
+def test_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    cfg = _cfg(tmp_path, "epochs=3", "tracking.enabled=false")
+    run_dir = tmp_path / "runs" / "stopped"
+    calls = {"n": 0}
+
+    def stop_in_second_epoch():
+        calls["n"] += 1
+        return calls["n"] == 8 + 3  # epoch 2 (8 steps per epoch), after its 3rd step
+
+    first = Pretrainer(cfg, run_dir, should_stop=stop_in_second_epoch).run()
+    assert first["status"] == "stopped"
+    ckpt = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 3)
+    second = Pretrainer(cfg, run_dir).run()
+    assert second["status"] == "finished"
+    assert_same_weights(model_state(run_dir / "checkpoints/last.pt"),
+                        model_state(uninterrupted / "checkpoints/last.pt"))
+
+
+def test_resume_refuses_a_different_architecture(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    Pretrainer(_cfg(tmp_path, "epochs=1", "tracking.enabled=false"), run_dir).run()
+    cfg = _cfg(tmp_path, "epochs=2", "tracking.enabled=false", "model.width=16",
+               "model.bank_size=128")
+    with pytest.raises(ConfigError, match=r"model\.bank_size: checkpoint 256 vs now 128.*"
+                                          r"model\.width: checkpoint 8 vs now 16"):
+        Pretrainer(cfg, run_dir).run()
+    # A harmless change (logging) resumes fine and trains the remaining epoch.
+    out = Pretrainer(_cfg(tmp_path, "epochs=2", "tracking.enabled=false",
+                          "log_every_steps=2"), run_dir).run()
+    assert out["status"] == "finished"
+
+
+def test_tracking_records_params_metrics_tags_and_artifact(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(tmp_path, "epochs=2", "eval.knn.final=true", "log_every_steps=4")
+    run_dir = tmp_path / "runs" / "tracked"
+    summary = Pretrainer(cfg, run_dir).run()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert run.data.params["model.arch"] == "resnet18"
+    assert run.data.params["batch_size"] == "32"
+    assert run.data.params["eval.knn.k"] == "20"
+    for key in ("train/loss", "train/lr", "train/memory_lr", "train/ema_momentum",
+                "train/positive_prob", "train/images_per_sec", "train/positive_columns_frac"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [1, 2], key
+    assert len(client.get_metric_history(run.info.run_id, "train_step/loss")) == 4
+    assert 0 <= run.data.metrics["eval/knn_top1"] <= 100
+    assert run.data.tags["host"] and run.data.tags["git_commit"]
+    assert run.data.tags["run_dir"] == str(run_dir.resolve())
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "caco"
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path):
+    from caco.errors import TrainingDiverged
+
+    run_dir = tmp_path / "runs" / "nan"
+    cfg = _cfg(tmp_path, "epochs=1", "tracking.enabled=false")
+    Pretrainer(cfg, run_dir).run()
+    good = model_state(run_dir / "checkpoints/last.pt")
+    cfg = _cfg(tmp_path, "epochs=2", "tracking.enabled=false", "optim.lr=1e30",
+               "optim.memory_lr=1e30")
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good "
+                                               r"checkpoint is .*last\.pt"):
+        Pretrainer(cfg, run_dir).run()
+    assert_same_weights(good, model_state(run_dir / "checkpoints/last.pt"))
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (("epochs=0",), "epochs=0 must be a positive integer"),
+    (("epochs=-3",), "epochs=-3 must be a positive integer"),
+    (("batch_size=0",), "batch_size=0 must be a positive integer"),
+])
+def test_bad_numbers_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(_cfg(tmp_path, *overrides), world=1)
+
+
+def test_batch_must_fit_the_world_size(tmp_path):
+    with pytest.raises(ConfigError, match="smaller than the world size 4"):
+        validate(_cfg(tmp_path, "batch_size=2"), world=4)
+    with pytest.raises(ConfigError, match="not divisible by the world size 4"):
+        validate(_cfg(tmp_path, "batch_size=30"), world=4)

@@ -1,0 +1,114 @@
+"""Tracking against a real MLflow server that goes away mid-run and comes back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import compose_pretrain, run_cli
+from mlflow_server import MlflowServer
+
+from caco.tracking import PENDING_FILE, Tracker, flatten, prepare_experiment, resolve_uri
+from caco.train import Pretrainer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _history(uri, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+def test_outage_mid_run_loses_nothing_and_sync_sends_the_rest(server, tmp_path):
+    """Server down from epoch 1 to the end: training finishes, records are buffered, then the
+    restarted server receives them through the sync command (and nothing is duplicated)."""
+    cfg = compose_pretrain("experiment=smoke", "epochs=3", "eval.knn.final=false",
+                           "log_every_steps=4", f"output_root={tmp_path}",
+                           f"tracking.uri={server.uri}")
+    run_dir = tmp_path / "runs" / "outage"
+
+    def hook(path, epoch):
+        if epoch == 1:
+            server.stop()
+
+    summary = Pretrainer(cfg, run_dir, milestone_hooks=[hook]).run()
+    assert summary["status"] == "finished"
+    pending = (run_dir / PENDING_FILE).read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in pending]
+    assert kinds.count("metrics") >= 4 and kinds[-1] == "status"
+
+    server.start()
+    proc = run_cli("sync_tracking.py", str(run_dir), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (run_dir / PENDING_FILE).exists()
+    run_id = summary["run_id"]
+    assert [s for s, _ in _history(server.uri, run_id, "train/loss")] == [1, 2, 3]
+    assert [s for s, _ in _history(server.uri, run_id, "train_step/loss")] == [4, 8, 12, 16,
+                                                                               20, 24]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_backend_back_mid_run_flushes_in_order(server, tmp_path):
+    cfg = compose_pretrain("experiment=smoke", "epochs=3", "eval.knn.final=false",
+                           "log_every_steps=0", f"output_root={tmp_path}",
+                           f"tracking.uri={server.uri}")
+    run_dir = tmp_path / "runs" / "blip"
+
+    def hook(path, epoch):
+        if epoch == 1:
+            server.stop()
+        if epoch == 2:
+            assert (run_dir / PENDING_FILE).exists()
+            server.start()
+
+    summary = Pretrainer(cfg, run_dir, milestone_hooks=[hook]).run()
+    assert not (run_dir / PENDING_FILE).exists()
+    losses = _history(server.uri, summary["run_id"], "train/loss")
+    assert [s for s, _ in losses] == [1, 2, 3]
+
+
+def test_refused_record_is_set_aside_not_retried_forever(tmp_path):
+    uri = resolve_uri(None, tmp_path)
+    exp = prepare_experiment(uri, "caco", tmp_path / "art")
+    tracker = Tracker(uri, exp, tmp_path / "run")
+    tracker.start(run_name="r")
+    tracker.log_params({"a": 1})
+    tracker.log_params({"a": 2})  # MLflow refuses to change a logged param
+    tracker.log_metrics({"x": 1.0}, step=1)
+    assert not (tmp_path / "run" / PENDING_FILE).exists()
+    rejected = (tmp_path / "run" / "tracking-rejected.jsonl").read_text()
+    assert '"a": "2"' in rejected
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.data.params == {"a": "1"} and run.data.metrics == {"x": 1.0}
+
+
+def test_experiment_prepared_once_and_reused(tmp_path):
+    uri = resolve_uri(None, tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    first = prepare_experiment(uri, "proj", tmp_path / "art")
+    assert prepare_experiment(uri, "proj", tmp_path / "art") == first
+    assert resolve_uri("rel/db.sqlite", tmp_path).startswith("sqlite:////")
+
+
+def test_flatten_config():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]",
+                                                                  "d": "None"}
+
+
+def test_sync_of_a_directory_without_a_run_fails_clearly(tmp_path):
+    proc = run_cli("sync_tracking.py", str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert "not a pretraining run dir" in proc.stderr + proc.stdout
