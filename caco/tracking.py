@@ -48,6 +48,7 @@ def _configure_http(retries: int, timeout: int) -> None:
     # MLflow's defaults retry an unreachable server for minutes; training must not wait.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5")
 
 
 def _client(uri: str):
@@ -101,13 +102,16 @@ class Tracker:
     """Rank-0 tracking of one pretraining run (create or resume), buffered on failure."""
 
     def __init__(self, uri: str, experiment_id: str, run_dir: str | os.PathLike, *,
-                 http_retries: int = 1, http_timeout: int = 10) -> None:
+                 http_retries: int = 1, http_timeout: int = 10,
+                 retry_interval_s: float = 30.0) -> None:
         _configure_http(http_retries, http_timeout)
         self.uri, self.experiment_id = uri, experiment_id
         self.run_dir = Path(run_dir)
         self.run_id: str | None = None
+        self.retry_interval_s = retry_interval_s
         self._client = None
         self._outage = False
+        self._last_failure = 0.0
 
     @property
     def client(self):
@@ -185,6 +189,10 @@ class Tracker:
     def _send(self, kind: str, payload: dict, run_id: str | None = None) -> None:
         run_id = run_id or self.run_id
         record = {"kind": kind, "run_id": run_id, **payload}
+        if self._outage and time.monotonic() - self._last_failure < self.retry_interval_s:
+            # During an outage every attempt costs a timeout: retry only now and then.
+            self._buffer(record)
+            return
         if self.pending_path.exists() and not self.flush():
             self._buffer(record)
             return
@@ -198,6 +206,7 @@ class Tracker:
             self._buffer(record)
 
     def _note_outage(self, error: Exception) -> None:
+        self._last_failure = time.monotonic()
         if not self._outage:
             log.warning(
                 "tracking backend %s unavailable (%s: %s); buffering to %s and retrying later",

@@ -215,7 +215,8 @@ class Pretrainer:
         exp_id = tracking.prepare_experiment(uri, t.experiment,
                                              Path(self.cfg.output_root) / "mlartifacts")
         self.tracker = tracking.Tracker(uri, exp_id, self.run_dir, http_retries=t.http_retries,
-                                        http_timeout=t.http_timeout)
+                                        http_timeout=t.http_timeout,
+                                        retry_interval_s=t.retry_interval_s)
         previous = tracking.read_run_file(self.run_dir)
         run_id = (ckpt or {}).get("mlflow_run_id") or (previous or {}).get("run_id")
         fresh = run_id is None

@@ -76,7 +76,8 @@ def test_resume_refuses_a_different_architecture(tmp_path):
 def test_tracking_records_params_metrics_tags_and_artifact(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    cfg = _cfg(tmp_path, "epochs=2", "eval.knn.final=true", "log_every_steps=4")
+    cfg = _cfg(tmp_path, "epochs=2", "eval.knn.final=true", "eval.knn.every=1",
+               "log_every_steps=4")
     run_dir = tmp_path / "runs" / "tracked"
     summary = Pretrainer(cfg, run_dir).run()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -90,6 +91,9 @@ def test_tracking_records_params_metrics_tags_and_artifact(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == [1, 2], key
     assert len(client.get_metric_history(run.info.run_id, "train_step/loss")) == 4
+    monitor = client.get_metric_history(run.info.run_id, "train/knn_top1")
+    assert [m.step for m in monitor] == [1, 2]
+    assert run.data.metrics["eval/knn_top1"] == monitor[-1].value  # final reuses epoch 2's
     assert 0 <= run.data.metrics["eval/knn_top1"] <= 100
     assert run.data.tags["host"] and run.data.tags["git_commit"]
     assert run.data.tags["run_dir"] == str(run_dir.resolve())

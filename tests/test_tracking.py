@@ -62,7 +62,7 @@ def test_outage_mid_run_loses_nothing_and_sync_sends_the_rest(server, tmp_path):
 def test_backend_back_mid_run_flushes_in_order(server, tmp_path):
     cfg = compose_pretrain("experiment=smoke", "epochs=3", "eval.knn.final=false",
                            "log_every_steps=0", f"output_root={tmp_path}",
-                           f"tracking.uri={server.uri}")
+                           f"tracking.uri={server.uri}", "tracking.retry_interval_s=0")
     run_dir = tmp_path / "runs" / "blip"
 
     def hook(path, epoch):
