@@ -38,15 +38,38 @@ def user_message(error: BaseException) -> str:
 
 
 def pretrain_main(cfg: DictConfig) -> dict:
-    """Entry of ``launch/pretrain.py``; user-facing errors exit with status 2 and one message."""
+    """Entry of ``launch/pretrain.py`` in every process of a job.
+
+    Sets up torch.distributed when the job has several tasks, turns SIGUSR2 into a
+    checkpoint-and-requeue inside SLURM jobs, and makes user-facing errors exit with status 2
+    and one message.
+    """
+    from caco.distributed import (
+        PreemptionGuard,
+        in_submitit_job,
+        init_distributed,
+        shutdown_distributed,
+    )
+
     run_dir = _run_dir()
     finalize_config(cfg, run_dir)
     try:
         from caco.train import Pretrainer
 
-        summary = Pretrainer(cfg, run_dir).run()
+        init_distributed(cfg)
+        guard = PreemptionGuard() if in_submitit_job() else None
+        trainer = Pretrainer(cfg, run_dir, should_stop=guard.should_stop if guard else _never)
+        summary = trainer.run()
+        if summary["status"] == "stopped" and guard is not None:
+            guard.hand_over()
     except CacoError as e:
         log.error("%s", user_message(e))
         sys.exit(2)
+    finally:
+        shutdown_distributed()
     log.info("run directory: %s", summary["run_dir"])
     return summary
+
+
+def _never() -> bool:
+    return False

@@ -56,6 +56,8 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     if int(cfg.get("threads", 0)) > 0 and device.type == "cpu":
         torch.set_num_threads(int(cfg.threads))
     return Runtime(device, torch.bfloat16 if precision == "bf16" else None, channels_last,

@@ -159,7 +159,11 @@ class Pretrainer:
         self.loader, self.dataset, self.sampler = build_pretrain_loader(
             cfg.data, self.per_rank_batch, rank=rt.rank, world=rt.world, seed=cfg.seed,
             pin_memory=rt.device.type == "cuda")
-        self.core = build_model(cfg.model, cfg.seed).to(rt.device)
+        self.core = build_model(cfg.model, cfg.seed)
+        if rt.world > 1 and rt.device.type == "cuda":
+            # PyTorch's SyncBatchNorm is GPU-only; on CPU each rank normalises its own half.
+            self.core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.core)
+        self.core = self.core.to(rt.device)
         if rt.channels_last:
             self.core = self.core.to(memory_format=torch.channels_last)
         o = cfg.optim
@@ -301,6 +305,9 @@ class Pretrainer:
                          len(losses), time.perf_counter() - t0, losses[0], losses[-1])
                 self._log({"init/loss": losses[-1]}, 0)
                 self._save_last(0)
+                if self.should_stop():
+                    summary["status"] = "stopped"
+                    return summary
             for epoch in range(start_epoch, cfg.epochs):
                 stopped = self._train_epoch(epoch, start_step if epoch == start_epoch else 0)
                 if stopped:

@@ -1,0 +1,123 @@
+"""torch.distributed from the cluster's environment, and preemption as a polled flag.
+
+The only module (with tracking's URI) that reads the environment: under SLURM it takes the
+ranks and the rendezvous from submitit's view of the job (node list, task ids), under
+torchrun from its variables; with one process it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from caco.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _slurm_world() -> int:
+    try:
+        import submitit
+
+        return submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # not inside a submitit job
+        return 1
+
+
+def in_submitit_job() -> bool:
+    try:
+        import submitit
+
+        submitit.JobEnvironment()
+        return True
+    except RuntimeError:
+        return False
+
+
+def init_distributed(cfg: DictConfig) -> tuple[int, int]:
+    """Start the process group when the job has several tasks; returns (rank, world)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if in_submitit_job() and _slurm_world() > 1:
+        import submitit
+
+        env = submitit.helpers.TorchDistributedEnvironment()
+        env.export(set_cuda_visible_devices=False)
+        rank, world, local_rank = env.rank, env.world_size, env.local_rank
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        return 0, 1
+    if world == 1:
+        return 0, 1
+    cluster = cfg.cluster
+    backend = str(cluster.get("backend", "auto"))
+    wants_gpu = str(cfg.device) in ("auto", "cuda") and torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if wants_gpu else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("cluster.backend=nccl needs GPUs but none is visible to this task; "
+                          "use cluster.backend=gloo (CPU) or request GPUs "
+                          "(cluster.gpus_per_node)")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    timeout = datetime.timedelta(seconds=float(cluster.get("dist_timeout_s", 1800)))
+    dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
+    log.info("process group: rank %d of %d (%s, local rank %d)", rank, world, backend,
+             local_rank)
+    return rank, world
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class PreemptionGuard:
+    """SIGUSR2 (submitit's "checkpoint now": time limit or ``scancel --signal=USR2``) becomes
+    a flag that the training loop polls between steps, so the checkpoint is written at a
+    consistent point; then :meth:`hand_over` lets submitit requeue the job.
+
+    With several ranks the flag is max-reduced at every poll, so all ranks stop at the same
+    step even if the signal reached them at different moments.
+    """
+
+    def __init__(self, sig: int = signal.SIGUSR2) -> None:
+        self.sig = sig
+        self.requested = False
+        self._previous = signal.getsignal(sig)
+        signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.requested:
+            log.warning("received %s: will checkpoint after this step",
+                        signal.Signals(signum).name)
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if self.requested else 0.0])
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item() > 0)
+        return self.requested
+
+    def hand_over(self) -> None:
+        """Give the signal to submitit's handler: on rank 0 it requeues the job and exits;
+        other ranks wait for the requeue to end them."""
+        signal.signal(self.sig, self._previous)
+        if callable(self._previous):
+            self._previous(self.sig, None)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(120)

@@ -1,0 +1,2 @@
+"""Hydra launcher ``caco_slurm``: hydra-submitit-launcher's SLURM launcher that returns once
+the sweep is submitted (``wait: false``) instead of blocking until every job ends."""
