@@ -313,6 +313,7 @@ class Pretrainer:
                 if stopped:
                     summary["status"] = "stopped"
                     return summary
+                self._check_replicas(epoch + 1)
                 last = self._save_last(epoch + 1)
                 if last is not None and self._is_milestone(epoch + 1):
                     self._publish_milestone(last, epoch + 1)
@@ -327,6 +328,26 @@ class Pretrainer:
             self.tracker.flush()
         summary["epochs"] = cfg.epochs
         return summary
+
+    def _check_replicas(self, epoch: int) -> None:
+        """Every rank must hold the same weights and bank; a silent divergence (a missed
+        all-reduce, a rank-dependent bank) would otherwise only show up as bad results."""
+        if self.rt.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            tensors = [p.detach() for p in self.core.encoder_q.parameters()]
+            tensors += [self.core.bank.W, self.core.bank.V]
+            digest = torch.stack([t.double().sum() for t in tensors] +
+                                 [t.double().abs().sum() for t in tensors]).to(self.rt.device)
+        gathered = [torch.empty_like(digest) for _ in range(self.rt.world)]
+        dist.all_gather(gathered, digest)
+        if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+            raise RuntimeError(f"ranks diverged after epoch {epoch}: weights or bank differ")
+        if self.rt.is_main:
+            log.info("epoch %d: all %d ranks hold identical weights and bank", epoch,
+                     self.rt.world)
 
     def _log(self, metrics: dict, step: int) -> None:
         if self.tracker:

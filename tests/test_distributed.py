@@ -8,12 +8,11 @@ import multiprocessing as mp
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from conftest import tiny_caco
+from emulation import emulated_ddp_step
 
-from caco.bank import positive_labels, view_bank_gradient
 from caco.optim import LARS
-from caco.step import caco_step, loss_pairs
+from caco.step import caco_step
 
 BATCH, BANK, LR, MEMORY_LR, EMA, STEPS = 8, 32, 0.05, 3.0, 0.99, 2
 
@@ -47,26 +46,8 @@ def _emulate(world: int):
     opt = LARS(model.encoder_q.parameters(), lr=LR, weight_decay=1.5e-6)
     half = BATCH // world
     for step in range(STEPS):
-        full = _views(step)
-        model.ema_update(EMA)
-        w_hat, norms = model.bank.normalized()
-        opt.zero_grad()
-        bank_grad = torch.zeros_like(w_hat)
-        for r in range(world):
-            views = [v[r * half:(r + 1) * half] for v in full]
-            qs = [F.normalize(model.encoder_q(v), dim=1) for v in views]
-            with torch.no_grad():
-                keys = [F.normalize(model.encoder_k(v), dim=1) for v in views]
-            labels = [positive_labels(k, w_hat) for k in keys]
-            loss = 0
-            for i, j, wt in loss_pairs(2):
-                logits = qs[i] @ w_hat
-                loss = loss + wt * F.cross_entropy(logits / model.moco_t, labels[j])
-                bank_grad += wt * view_bank_gradient(qs[i].detach(), logits.detach(), labels[j],
-                                                     w_hat, norms, model.mem_t) / world
-            (loss / world).backward()
-        opt.step()
-        model.bank.apply_gradient(bank_grad, MEMORY_LR, model.mem_momentum)
+        shards = [[v[r * half:(r + 1) * half] for v in _views(step)] for r in range(world)]
+        emulated_ddp_step(model, opt, shards, memory_lr=MEMORY_LR, ema_momentum=EMA)
     return model
 
 
