@@ -26,6 +26,12 @@ class PrepareTracking(Callback):
         from caco import tracking
 
         uri = tracking.resolve_uri(t.uri, config.output_root)
+        if config.get("cluster", {}).get("name") == "slurm" and not t.uri:
+            log.warning(
+                "tracking: no tracking server configured (tracking.uri); jobs will write to "
+                "%s. sqlite on a shared filesystem is not a safe multi-writer store: run "
+                "`mlflow server` and set tracking=server tracking.uri=http://<host>:<port> "
+                "(see README)", uri)
         try:
             exp_id = tracking.prepare_experiment(
                 uri, t.experiment, Path(config.output_root) / "mlartifacts")

@@ -180,8 +180,11 @@ class Pretrainer:
 
             # The bank is identical on every rank by construction (averaged gradient);
             # broadcasting it as a buffer at every forward would cost a full copy per step.
-            self.model = DDP(self.core, device_ids=[rt.device] if rt.device.type == "cuda"
-                             else None, broadcast_buffers=False)
+            ids = [rt.device] if rt.device.type == "cuda" else None
+            try:
+                self.model = DDP(self.core, device_ids=ids, forward_sync_buffers=False)
+            except TypeError:  # torch before forward_sync_buffers
+                self.model = DDP(self.core, device_ids=ids, broadcast_buffers=False)
         if rt.compile:
             self.core.encoder_q.compile()
             self.core.encoder_k.compile()

@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                             world_size=world)
     try:
         model = tiny_caco(bank_size=BANK)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
         opt = LARS(model.encoder_q.parameters(), lr=LR, weight_decay=1.5e-6)
         half = BATCH // world
         for step in range(STEPS):

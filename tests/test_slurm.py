@@ -129,3 +129,41 @@ def test_usr2_preemption_and_plain_requeue_resume_to_identical_weights(sweep, tm
     for mode, state in results.items():
         assert_same_weights(state, uninterrupted)
         print(mode, "ok")
+
+
+def _task_pid(job: str, procid: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={procid}".encode() in env
+                and b"submitit" in cmd):
+            return int(proc.name)
+    return None
+
+
+def test_a_dead_rank_ends_the_job_instead_of_hanging(cluster, tmp_path):
+    ids, logs, _ = _submit(tmp_path, "epochs=50", "cluster.tasks_per_node=2",
+                           "cluster.max_num_timeout=0", "eval.knn.final=false")
+    job = ids[0]
+    deadline = time.time() + 300
+    while not any("all 2 ranks hold identical" in p.read_text()
+                  for p in logs[0].parent.glob("*_log.*")):
+        assert time.time() < deadline, f"job {job} did not reach epoch 1; logs {logs}"
+        time.sleep(0.2)
+    pid = _task_pid(job, 1)
+    assert pid is not None, "rank 1's process not found"
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    state = wait_for_jobs([job], 240, logs)[job]
+    assert state in ("FAILED", "CANCELLED"), (state, logs)
+    assert time.time() - t0 < 240
+    rank0 = logs[0].parent / f"{job}_0_log.err"
+    assert "Error" in rank0.read_text() or "error" in rank0.read_text(), rank0
