@@ -12,7 +12,10 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-RUNNERS = {"step": ("caco.bench.step", "StepBenchConfig")}
+RUNNERS = {
+    "step": ("caco.bench.step", "StepBenchConfig"),
+    "slurm": ("caco.bench.slurm", "SlurmBenchConfig"),
+}
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="benchmark")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-         "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+from caco.slurm_accounting import job_history, wait_final
 
 
 def require_cluster() -> None:
@@ -26,25 +24,15 @@ def require_cluster() -> None:
 
 
 def sacct_states(job_id: str, duplicates: bool = False) -> list[str]:
-    cmd = ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id]
-    if duplicates:
-        cmd.insert(1, "-D")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
-    return [line.split("|")[1].split()[0] for line in out.splitlines() if "|" in line]
+    return [row["state"] for row in job_history(job_id, duplicates=duplicates)]
 
 
 def wait_for_jobs(job_ids: list[str], timeout: float, logs: list[Path] = ()) -> dict[str, str]:
-    """Poll sacct until every job reached a final state; fail with ids and logs otherwise."""
-    deadline = time.time() + timeout
-    states: dict[str, str] = {}
-    while time.time() < deadline:
-        states = {j: (sacct_states(j) or ["UNKNOWN"])[-1] for j in job_ids}
-        if all(s in FINAL for s in states.values()):
-            return states
-        time.sleep(1)
-    pytest.fail(f"jobs not finished within {timeout:.0f} s: {states}; logs: "
-                + ", ".join(map(str, logs)))
-    return states
+    """Wait for final states; fail with the job ids and log paths otherwise."""
+    try:
+        return wait_final(job_ids, timeout)
+    except TimeoutError as e:
+        pytest.fail(f"{e}; logs: " + ", ".join(map(str, logs)))
 
 
 def job_ids_from(output: str) -> list[str]:
