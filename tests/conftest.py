@@ -15,6 +15,17 @@ def tiny_caco(bank_size: int = 64, seed: int = 0, **overrides) -> CaCo:
     return CaCo(**{**TINY, "bank_size": bank_size, **overrides})
 
 
+def bank_surrogate(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mem_t: float):
+    """S(W) of caco.md §4 with the coefficients c_nk held constant (for autograd checks)."""
+    w_hat = w / w.norm(dim=0, keepdim=True)
+    logits = x @ w_hat
+    p = torch.softmax(logits.detach() / mem_t, dim=1)
+    c = -p
+    rows = torch.arange(len(y))
+    c[rows, y] = p[rows, y] - 1
+    return (c * logits).sum() / len(y) / mem_t
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     # Two cores: oversubscribing them with intra-op threads makes tiny models slower.

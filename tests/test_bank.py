@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import bank_surrogate
 
 from caco.bank import MemoryBank, positive_labels, view_bank_gradient
 
 MEM_T = 0.08
-
-
-def _surrogate(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """S(W) of caco.md §4 with the coefficients c_nk held constant."""
-    w_hat = w / w.norm(dim=0, keepdim=True)
-    logits = x @ w_hat
-    p = torch.softmax(logits.detach() / MEM_T, dim=1)
-    c = -p
-    rows = torch.arange(len(y))
-    c[rows, y] = p[rows, y] - 1
-    return (c * logits).sum() / len(y) / MEM_T
 
 
 def _closed_form(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -41,7 +31,7 @@ def test_closed_form_equals_autograd_of_surrogate():
     for seed in range(3):
         w, x, y = _problem(seed=seed)
         wr = w.clone().requires_grad_()
-        _surrogate(wr, x, y).backward()
+        bank_surrogate(wr, x, y, MEM_T).backward()
         torch.testing.assert_close(_closed_form(w, x, y), wr.grad, rtol=1e-9, atol=1e-12)
 
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_caco
+from conftest import bank_surrogate, tiny_caco
 
 from caco.optim import LARS
 from caco.step import caco_step, init_bank, loss_pairs
@@ -21,16 +21,6 @@ MEMORY_LR, EMA = 3.0, 0.99
 
 def _optimizer(model, lr=0.05):
     return LARS(model.encoder_q.parameters(), lr=lr, weight_decay=1.5e-6, momentum=0.9)
-
-
-def _surrogate(w, x, y, mem_t):
-    w_hat = w / w.norm(dim=0, keepdim=True)
-    logits = x @ w_hat
-    p = torch.softmax(logits.detach() / mem_t, dim=1)
-    c = -p
-    rows = torch.arange(len(y))
-    c[rows, y] = p[rows, y] - 1
-    return (c * logits).sum() / len(y) / mem_t
 
 
 def naive_step(model, opt, views):
@@ -62,7 +52,7 @@ def naive_step(model, opt, views):
     loss.backward()
     opt.step()
     wr = w.clone().requires_grad_()
-    s = sum(wt * _surrogate(wr, q.detach(), y, model.mem_t) for q, y, wt in bank_terms)
+    s = sum(wt * bank_surrogate(wr, q.detach(), y, model.mem_t) for q, y, wt in bank_terms)
     (g,) = torch.autograd.grad(s, wr)
     with torch.no_grad():
         model.bank.V.mul_(model.mem_momentum).add_(g)
