@@ -34,10 +34,15 @@ class ViewAug:
     flip_p: float = 0.5
 
 
-def caco_two_views(size: int = 224, scale: tuple[float, float] = (0.2, 1.0)) -> list[ViewAug]:
-    """View 1: blur always; view 2: blur p 0.1 and solarize p 0.2 (the reference's asymmetry)."""
-    view1 = ViewAug(size=size, scale=tuple(scale), blur_p=1.0, solarize_p=0.0)
-    view2 = ViewAug(size=size, scale=tuple(scale), blur_p=0.1, solarize_p=0.2)
+def caco_two_views(size: int = 224, scale: tuple[float, float] = (0.2, 1.0),
+                   blur: bool = True) -> list[ViewAug]:
+    """View 1: blur always; view 2: blur p 0.1 and solarize p 0.2 (the reference's asymmetry).
+
+    ``blur=False`` drops the Gaussian blur, as small-image (32 px) recipes do: a sigma of up
+    to 2 px, meant for 224 px crops, erases most of a 32 px image.
+    """
+    view1 = ViewAug(size=size, scale=tuple(scale), blur_p=1.0 if blur else 0.0, solarize_p=0.0)
+    view2 = ViewAug(size=size, scale=tuple(scale), blur_p=0.1 if blur else 0.0, solarize_p=0.2)
     return [view1, view2]
 
 

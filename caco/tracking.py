@@ -48,7 +48,7 @@ def _configure_http(retries: int, timeout: int) -> None:
     # MLflow's defaults retry an unreachable server for minutes; training must not wait.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0.5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # an int for MLflow
 
 
 def _client(uri: str):

@@ -47,7 +47,9 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted
 
     def stop_in_second_epoch():
         calls["n"] += 1
-        return calls["n"] == 8 + 3  # epoch 2 (8 steps per epoch), after its 3rd step
+        # Polled once after the bank initialisation pass, then after every step (8 an epoch):
+        # stop in epoch 2, after its 3rd step.
+        return calls["n"] == 1 + 8 + 3
 
     first = Pretrainer(cfg, run_dir, should_stop=stop_in_second_epoch).run()
     assert first["status"] == "stopped"

@@ -95,7 +95,8 @@ class EpochShardSampler(Sampler[int]):
 def build_augment(data: DictConfig) -> MultiViewAugment:
     mean, std = tuple(data.mean), tuple(data.std)
     if data.augment == "two_view":
-        views = caco_two_views(size=data.image_size, scale=tuple(data.crop_scale))
+        views = caco_two_views(size=data.image_size, scale=tuple(data.crop_scale),
+                               blur=bool(data.get("blur", True)))
     elif data.augment == "multi_crop":
         mc = data.multi_crop
         views = caco_multi_crop(global_size=data.image_size, local_size=mc.local_size,
