@@ -35,14 +35,47 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def resolve_root(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the idx files: ``root`` (or its torchvision sub-folder) or Debian's."""
-    candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else [DEBIAN_ROOT]
-    for c in candidates:
-        if all(_find(c, stem) for pair in _FILES.values() for stem in pair):
+CACHE_ROOT = Path.home() / ".cache" / "caco"
+
+
+def _complete(folder: Path) -> bool:
+    return all(_find(folder, stem) for pair in _FILES.values() for stem in pair)
+
+
+def _download(cache: Path) -> Path | None:
+    """torchvision's download, where neither data.root nor Debian's package is there."""
+    import logging
+
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    logging.getLogger(__name__).info("Fashion-MNIST not installed; downloading it to %s", cache)
+    try:
+        TorchvisionFashionMNIST(str(cache), train=True, download=True)
+        TorchvisionFashionMNIST(str(cache), train=False, download=True)
+    except Exception:  # no network, mirror down, ...: the caller's message says what to do
+        return None
+    raw = cache / "FashionMNIST" / "raw"
+    return raw if _complete(raw) else None
+
+
+def resolve_root(root: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """The folder holding the idx files: ``root`` (or its torchvision sub-folder), else
+    Debian's package, else a torchvision download into ``~/.cache/caco``."""
+    if root:
+        for c in (Path(root), Path(root) / "FashionMNIST" / "raw"):
+            if _complete(c):
+                return c
+        raise FileNotFoundError(f"Fashion-MNIST idx files not found in {root}; {INSTALL_HINT}")
+    cached = CACHE_ROOT / "FashionMNIST" / "raw"
+    for c in (DEBIAN_ROOT, cached):
+        if _complete(c):
             return c
-    where = root if root else DEBIAN_ROOT
-    raise FileNotFoundError(f"Fashion-MNIST idx files not found in {where}; {INSTALL_HINT}")
+    fetched = _download(CACHE_ROOT) if download else None
+    if fetched is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST idx files not found in {DEBIAN_ROOT} and could not be downloaded; "
+            f"{INSTALL_HINT}")
+    return fetched
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -89,7 +122,7 @@ class FashionMNIST(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        img = Image.fromarray(self.images[i], mode="L").convert("RGB")
+        img = Image.fromarray(self.images[i]).convert("RGB")  # uint8 2-D: mode L
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])

@@ -42,10 +42,9 @@ def _imagefolder(root: Path, transform):
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist (data.root must hold train/ and val/)")
     try:
-        ds = ImageFolder(str(root), transform=transform, loader=_read_rgb)
-    except FileNotFoundError as e:
+        return ImageFolder(str(root), transform=transform, loader=_read_rgb)
+    except FileNotFoundError as e:  # e.g. no class folder or no image in one
         raise DataError(f"data folder {root}: {e}") from None
-    return ds
 
 
 def labelled_split(data: DictConfig, split: str, transform=None, subset: int | None = None):
@@ -77,7 +76,3 @@ def labelled_split(data: DictConfig, split: str, transform=None, subset: int | N
     idx = _subset_indices(len(ds), subset)
     return torch.utils.data.Subset(ds, idx.tolist()) if idx is not None else ds
 
-
-def num_classes(dataset) -> int:
-    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    return len(base.classes)
