@@ -163,3 +163,49 @@ def link_or_copy(src: Path, dst: Path) -> Path:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[CaCo, dict]:
+    """A CaCo model with the weights of any checkpoint this toolkit knows.
+
+    Our own checkpoints carry their model config; the authors' layout is rebuilt from the
+    stored ``arch`` and the shapes of the projector and bank. Returns ``(model, info)`` with
+    ``info = {'epoch', 'arch', 'format'}``.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "checkpoint"
+    ckpt = read_checkpoint(source) if not isinstance(source, Mapping) else dict(source)
+    if ckpt.get("format", "").startswith("caco-toolkit"):
+        m = ckpt["config"]["model"]
+        model = CaCo(m["arch"], dim=m["dim"], mlp_dim=m["mlp_dim"], bank_size=m["bank_size"],
+                     moco_t=m["moco_t"], mem_t=m["mem_t"], mem_momentum=m["mem_momentum"],
+                     small_stem=m["small_stem"], width=m["width"], blocks=m["blocks"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{name} does not fit its own config: "
+                                  f"{str(e).splitlines()[0]}") from None
+        return model, {"epoch": ckpt["epoch"], "arch": m["arch"], "format": ckpt["format"]}
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{name} is neither a caco-toolkit checkpoint nor the reference "
+                              f"layout (top-level keys: {sorted(ckpt)})")
+    arch = ckpt.get("arch") or "resnet50"
+    head = state.get("module.encoder_q.fc.6.weight", state.get("encoder_q.fc.6.weight"))
+    if head is None:
+        raise CheckpointError(f"{name}: no encoder_q.fc.6.weight, cannot tell the projector size")
+    dim, mlp_dim = head.shape
+    bank = ckpt.get("Memory_Bank")
+    bank_size = bank["W"].shape[1] if bank is not None and "W" in bank else 1
+    stem = state.get("module.encoder_q.conv1.weight", state.get("encoder_q.conv1.weight"))
+    small_stem = stem is not None and stem.shape[-1] == 3
+    width = stem.shape[0] if stem is not None else 64
+    blocks = []
+    for stage in range(1, 5):
+        prefix = f"encoder_q.layer{stage}."
+        ids = {int(k.removeprefix("module.")[len(prefix):].split(".")[0])
+               for k in state if k.removeprefix("module.").startswith(prefix)}
+        blocks.append(max(ids) + 1 if ids else 1)
+    model = CaCo(arch, dim=dim, mlp_dim=mlp_dim, bank_size=bank_size, small_stem=small_stem,
+                 width=width, blocks=blocks)
+    info = load_reference_checkpoint(model, ckpt, require_bank=bank is not None)
+    return model, {**info, "format": "reference"}

@@ -448,7 +448,8 @@ class Pretrainer:
                             device=self.rt.device)
 
     def _maybe_knn_monitor(self, epoch: int) -> None:
-        every = int(self.cfg.eval.knn.every or 0)
+        knn = self.cfg.eval.get("knn")
+        every = int(knn.every or 0) if knn is not None else 0
         if self.rt.is_main and every and epoch % every == 0:
             result = self._knn(self.core)
             self._last_knn = (epoch, result)
@@ -457,9 +458,9 @@ class Pretrainer:
 
     def _final_eval(self) -> dict:
         """The run's own proof: kNN of the final encoder, and of the same random init."""
-        k = self.cfg.eval.knn
+        k = self.cfg.eval.get("knn")
         out: dict[str, float] = {}
-        if not (self.rt.is_main and k.final):
+        if k is None or not (self.rt.is_main and k.final):
             return out
         cached = getattr(self, "_last_knn", None)
         epochs = self.cfg.epochs

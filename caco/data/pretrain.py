@@ -151,3 +151,17 @@ def build_eval_loader(data: DictConfig, split: str, batch_size: int,
         raise DataError(f"the {split} split of data.kind={data.kind} is empty")
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(data.num_workers))
 
+
+
+def linear_train_loader(data: DictConfig, batch_size: int, subset: int | None = None
+                        ) -> DataLoader:
+    """RandomResizedCrop + flip + normalise: the linear probe's training view."""
+    from torchvision import transforms as T
+
+    transform = T.Compose([
+        T.RandomResizedCrop(int(data.image_size)), T.RandomHorizontalFlip(), T.ToTensor(),
+        T.Normalize(tuple(data.mean), tuple(data.std)),
+    ])
+    ds = labelled_split(data, "train", transform=transform, subset=subset)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=False,
+                      num_workers=int(data.num_workers))

@@ -1,0 +1,42 @@
+"""What every evaluator shares: the checkpoint's encoder, the device, the data config."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from caco.checkpoint import model_from_checkpoint, read_checkpoint
+from caco.errors import ConfigError
+from caco.model import Backbone, CaCo
+
+
+def load_backbone(checkpoint: str | os.PathLike, device: torch.device
+                  ) -> tuple[Backbone, CaCo, dict]:
+    ckpt = read_checkpoint(checkpoint)
+    model, info = model_from_checkpoint(ckpt)
+    info["config"] = ckpt.get("config")
+    model = model.to(device).eval()
+    return Backbone(model.encoder_q), model, info
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    want = str(cfg.get("device", "auto"))
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={want} but no CUDA GPU is visible; use device=cpu or auto")
+    return torch.device(want)
+
+
+def data_config(cfg: DictConfig, info: dict[str, Any]) -> DictConfig:
+    """``data=`` when given, else the data the checkpoint was pretrained on."""
+    if cfg.get("data") is not None:
+        return cfg.data
+    stored = (info.get("config") or {}).get("data")
+    if stored is None:
+        raise ConfigError("this checkpoint does not record its dataset: pass data=<name> "
+                          "data.root=<path> (e.g. data=imagenet data.root=/data/imagenet)")
+    return OmegaConf.create(stored)
