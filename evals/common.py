@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,3 +41,19 @@ def data_config(cfg: DictConfig, info: dict[str, Any]) -> DictConfig:
         raise ConfigError("this checkpoint does not record its dataset: pass data=<name> "
                           "data.root=<path> (e.g. data=imagenet data.root=/data/imagenet)")
     return OmegaConf.create(stored)
+
+
+@dataclass
+class EvalSetup:
+    device: torch.device
+    backbone: Backbone
+    model: CaCo
+    info: dict
+    data: DictConfig
+
+
+def prepare(checkpoint: str | os.PathLike, cfg: DictConfig) -> EvalSetup:
+    """Device, the checkpoint's backbone (eval mode) and the data config to evaluate on."""
+    device = device_of(cfg)
+    backbone, model, info = load_backbone(checkpoint, device)
+    return EvalSetup(device, backbone, model, info, data_config(cfg, info))

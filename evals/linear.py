@@ -179,12 +179,11 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
     """Linear probe of a checkpoint's backbone (``eval.linear.protocol``: reference|cached)."""
     from caco.data.pretrain import build_eval_loader, linear_train_loader
     from caco.knn import extract_features
-    from evals.common import data_config, device_of, load_backbone
+    from evals.common import prepare
 
     lin = cfg.eval.linear
-    device = device_of(cfg)
-    backbone, model, info = load_backbone(checkpoint, device)
-    data = data_config(cfg, info)
+    e = prepare(checkpoint, cfg)
+    device, backbone, data = e.device, e.backbone, e.data
     test = build_eval_loader(data, "val", lin.batch_size, lin.test_subset)
     classes = int(lin.num_classes) if lin.get("num_classes") else None
     if lin.protocol == "cached":
@@ -199,7 +198,7 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
     elif lin.protocol == "reference":
         train = linear_train_loader(data, lin.batch_size, lin.train_subset)
         n = classes or len(train.dataset.classes)
-        r = train_reference_protocol(backbone, model.feature_dim, train, test, num_classes=n,
+        r = train_reference_protocol(backbone, e.model.feature_dim, train, test, num_classes=n,
                                      epochs=lin.epochs, batch_size=lin.batch_size, lr=lin.lr,
                                      device=device)
         name = "linear"
@@ -207,4 +206,4 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
         from caco.errors import ConfigError
 
         raise ConfigError(f"eval.linear.protocol={lin.protocol!r}: use reference or cached")
-    return {f"{name}_top1": r["top1"], f"{name}_top5": r["top5"], "epoch": info["epoch"]}
+    return {f"{name}_top1": r["top1"], f"{name}_top5": r["top5"], "epoch": e.info["epoch"]}
