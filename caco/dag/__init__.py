@@ -1,0 +1,1 @@
+"""The evaluation DAG: which evaluations each checkpoint gets, and the ledger of submissions."""

@@ -1,0 +1,116 @@
+"""``EvalLedger``: the source of truth for what was submitted for which checkpoint.
+
+One JSON file per pretraining run (``<run_dir>/eval_ledger.json``), rewritten atomically
+(temp file + fsync + rename) under an exclusive ``flock``, so concurrent writers (the trainer's
+scheduler, a report job, ``dag.py retry``) never lose each other's updates and a kill at any
+instant leaves the previous or the new ledger, never a torn one.
+
+A node is marked ``SUBMITTING`` with its idempotency key BEFORE the executor is called; a
+crash between the submission and the ``SUBMITTED`` write leaves that mark behind, and the
+scheduler then looks the key up in the cluster's accounting (the key is the job's name)
+instead of submitting again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from caco.errors import CacoError
+
+LEDGER_FILE = "eval_ledger.json"
+STATES = ("SUBMITTING", "SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+
+
+class LedgerError(CacoError, ValueError):
+    """An unreadable ledger file (names it)."""
+
+
+def idempotency_key(run_dir: str | os.PathLike, epoch: int, node: str) -> str:
+    """Deterministic per (run, checkpoint epoch, node): the same after any restart."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+    return f"caco-{digest}-e{epoch:04d}-{node}"
+
+
+class EvalLedger:
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LEDGER_FILE
+        self._lock_path = self.run_dir / f".{LEDGER_FILE}.lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict]:
+        """Read-modify-write under an exclusive lock; the yielded dict is written back."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = self._read()
+                yield data
+                self._write(data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {"version": 1, "entries": {}}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LedgerError(f"evaluation ledger {self.path} is unreadable ({e}); restore it "
+                              "or move it away (nodes would then be resubmitted)") from None
+        if not isinstance(data, dict) or "entries" not in data:
+            raise LedgerError(f"evaluation ledger {self.path} has no 'entries'")
+        return data
+
+    def _write(self, data: dict) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def _id(epoch: int, node: str) -> str:
+        return f"{epoch:04d}/{node}"
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every recorded node, ordered by (epoch, node)."""
+        data = self._read()
+        return [data["entries"][k] for k in sorted(data["entries"])]
+
+    def get(self, epoch: int, node: str) -> dict[str, Any] | None:
+        return self._read()["entries"].get(self._id(epoch, node))
+
+    def claim(self, epoch: int, node: str, checkpoint: str | os.PathLike) -> dict | None:
+        """Mark a node SUBMITTING unless it is already recorded; returns the new entry, or
+        None when the node exists (never submit twice)."""
+        with self._locked() as data:
+            key = self._id(epoch, node)
+            if key in data["entries"]:
+                return None
+            entry = {"epoch": epoch, "node": node, "checkpoint": str(checkpoint),
+                     "key": idempotency_key(self.run_dir, epoch, node), "job_id": None,
+                     "state": "SUBMITTING", "attempts": 0, "updated": time.time()}
+            data["entries"][key] = entry
+            return dict(entry)
+
+    def update(self, epoch: int, node: str, **fields: Any) -> dict[str, Any]:
+        if "state" in fields and fields["state"] not in STATES:
+            raise ValueError(f"unknown ledger state {fields['state']!r}; one of {STATES}")
+        with self._locked() as data:
+            entry = data["entries"][self._id(epoch, node)]
+            entry.update(fields, updated=time.time())
+            return dict(entry)
+
+    def unconfirmed(self) -> list[dict[str, Any]]:
+        """Nodes whose submission may or may not have happened (a crash in between)."""
+        return [e for e in self.entries() if e["state"] == "SUBMITTING"]

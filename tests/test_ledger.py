@@ -1,0 +1,51 @@
+"""The evaluation ledger: never twice, atomic, safe under concurrent writers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from caco.dag.ledger import EvalLedger, LedgerError, idempotency_key
+
+
+def test_claim_once_then_update(tmp_path):
+    ledger = EvalLedger(tmp_path)
+    entry = ledger.claim(10, "knn", tmp_path / "epoch_0010.pt")
+    assert entry["state"] == "SUBMITTING" and entry["key"] == idempotency_key(tmp_path, 10, "knn")
+    assert ledger.claim(10, "knn", tmp_path / "epoch_0010.pt") is None  # never twice
+    assert [e["node"] for e in ledger.unconfirmed()] == ["knn"]
+    ledger.update(10, "knn", state="SUBMITTED", job_id="42")
+    assert ledger.unconfirmed() == []
+    again = EvalLedger(tmp_path)  # a restarted trainer reads the same truth
+    assert again.get(10, "knn")["job_id"] == "42"
+    with pytest.raises(ValueError, match="unknown ledger state"):
+        ledger.update(10, "knn", state="DONE")
+
+
+def test_idempotency_key_is_stable_and_distinct(tmp_path):
+    assert idempotency_key(tmp_path, 5, "linear") == idempotency_key(tmp_path / ".", 5, "linear")
+    assert idempotency_key(tmp_path, 5, "linear") != idempotency_key(tmp_path, 6, "linear")
+    assert idempotency_key(tmp_path, 5, "linear") != idempotency_key(tmp_path / "x", 5, "linear")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    ledger = EvalLedger(tmp_path)
+
+    def worker(i):
+        for epoch in range(10):
+            EvalLedger(tmp_path).claim(epoch, f"node{i}", "c")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ledger.entries()) == 60
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unreadable_ledger_is_named(tmp_path):
+    (tmp_path / "eval_ledger.json").write_text("{torn")
+    with pytest.raises(LedgerError, match=r"eval_ledger\.json is unreadable"):
+        EvalLedger(tmp_path).entries()
