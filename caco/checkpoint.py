@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from caco.errors import CacoError
+from caco.fileio import atomic_write
 from caco.model import CaCo
 
 
@@ -126,28 +127,8 @@ def load_reference_checkpoint(
 
 
 def save_atomic(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A kill at any instant leaves either the previous file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """``torch.save`` through :func:`caco.fileio.atomic_write`: never a torn checkpoint."""
+    return atomic_write(path, lambda f: torch.save(dict(state), f), binary=True)
 
 
 def link_or_copy(src: Path, dst: Path) -> Path:

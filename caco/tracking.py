@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from caco.fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 PENDING_FILE = "tracking-pending.jsonl"
@@ -135,8 +137,8 @@ class Tracker:
             self._send("status", {"status": "RUNNING"}, run_id=run_id)
         self.run_id = run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.run_dir / RUN_FILE, {
-            "uri": self.uri, "experiment_id": self.experiment_id, "run_id": run_id})
+        atomic_write_text(self.run_dir / RUN_FILE, json.dumps(
+            {"uri": self.uri, "experiment_id": self.experiment_id, "run_id": run_id}))
         self.flush()
         return run_id
 
@@ -151,9 +153,6 @@ class Tracker:
         ts = int(time.time() * 1000)
         self._send("metrics", {"metrics": {k: float(v) for k, v in metrics.items()},
                                "step": int(step), "timestamp": ts})
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._send("tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self._send("artifact", {"path": str(Path(path).resolve())})
@@ -237,7 +236,7 @@ class Tracker:
                     self._reject(line, e)
                     continue
                 self._note_outage(e)
-                _write_lines_atomic(path, lines[done:])
+                atomic_write_text(path, "".join(line + "\n" for line in lines[done:]))
                 return False
         path.unlink()
         if self._outage:
@@ -260,21 +259,6 @@ _REJECTION_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
 
 def _is_rejection(error: Exception) -> bool:
     return getattr(error, "error_code", None) in _REJECTION_CODES
-
-
-def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_run_file(run_dir: str | os.PathLike) -> dict | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from caco.errors import CacoError
+from caco.fileio import atomic_write_text
 
 LEDGER_FILE = "eval_ledger.json"
 STATES = ("SUBMITTING", "SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
@@ -71,12 +72,7 @@ class EvalLedger:
         return data
 
     def _write(self, data: dict) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
 
     @staticmethod
     def _id(epoch: int, node: str) -> str:
