@@ -33,19 +33,22 @@ def _auto_bool(value, default: bool, key: str) -> bool:
     raise ConfigError(f"{key}={value!r}: use auto, true or false")
 
 
-def resolve_runtime(cfg: DictConfig) -> Runtime:
-    """Turn the top-level switches (device, precision, channels_last, compile) into a Runtime."""
-    want = str(cfg.device)
+def resolve_device(want: str) -> torch.device:
+    """``auto`` (cuda if available), ``cpu`` or ``cuda[:i]``; refuses cuda without a GPU."""
     if want == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif want == "cpu":
-        device = torch.device("cpu")
-    elif want.startswith("cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cpu":
+        return torch.device("cpu")
+    if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={want} but no CUDA GPU is visible; use device=cpu or auto")
-        device = torch.device(want)
-    else:
-        raise ConfigError(f"device={want!r}: use auto, cpu or cuda")
+        return torch.device(want)
+    raise ConfigError(f"device={want!r}: use auto, cpu or cuda")
+
+
+def resolve_runtime(cfg: DictConfig) -> Runtime:
+    """Turn the top-level switches (device, precision, channels_last, compile) into a Runtime."""
+    device = resolve_device(str(cfg.device))
     precision = str(cfg.precision)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from caco.checkpoint import model_from_checkpoint, read_checkpoint
 from caco.errors import ConfigError
 from caco.model import Backbone, CaCo
+from caco.runtime import resolve_device
 
 
 def load_backbone(checkpoint: str | os.PathLike, device: torch.device
@@ -21,15 +22,6 @@ def load_backbone(checkpoint: str | os.PathLike, device: torch.device
     info["config"] = ckpt.get("config")
     model = model.to(device).eval()
     return Backbone(model.encoder_q), model, info
-
-
-def device_of(cfg: DictConfig) -> torch.device:
-    want = str(cfg.get("device", "auto"))
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={want} but no CUDA GPU is visible; use device=cpu or auto")
-    return torch.device(want)
 
 
 def data_config(cfg: DictConfig, info: dict[str, Any]) -> DictConfig:
@@ -54,6 +46,6 @@ class EvalSetup:
 
 def prepare(checkpoint: str | os.PathLike, cfg: DictConfig) -> EvalSetup:
     """Device, the checkpoint's backbone (eval mode) and the data config to evaluate on."""
-    device = device_of(cfg)
+    device = resolve_device(str(cfg.get("device", "auto")))
     backbone, model, info = load_backbone(checkpoint, device)
     return EvalSetup(device, backbone, model, info, data_config(cfg, info))
