@@ -120,3 +120,23 @@ def extract_features(
     if not feats:
         raise ValueError("feature extraction got an empty loader (no images in the split)")
     return torch.cat(feats), torch.cat(labels)
+
+
+def knn_loaders(data, knn) -> tuple[Iterable, Iterable]:
+    """The kNN memory (train split) and query (val split) loaders, eval transform."""
+    from caco.data.pretrain import build_eval_loader
+
+    return (build_eval_loader(data, "train", knn.batch_size, knn.train_subset),
+            build_eval_loader(data, "val", knn.batch_size, knn.test_subset))
+
+
+def knn_accuracy(backbone: nn.Module, train_loader: Iterable, test_loader: Iterable, *,
+                 k: int, temperature: float, device: torch.device | str = "cpu",
+                 **extract_options) -> dict[str, float]:
+    """Features of both splits through ``backbone``, then :func:`knn_classify`."""
+    train_f, train_y = extract_features(backbone, train_loader, device=device,
+                                        desc="kNN train", **extract_options)
+    test_f, test_y = extract_features(backbone, test_loader, device=device, desc="kNN test",
+                                      **extract_options)
+    return knn_classify(train_f, train_y, test_f, test_y, k=k, temperature=temperature,
+                        device=device)

@@ -422,30 +422,18 @@ class Pretrainer:
         return False
 
     # ------------------------------------------------------------------ kNN
-    def _knn_loaders(self):
-        if not hasattr(self, "_knn_data"):
-            from caco.data.pretrain import build_eval_loader
-
-            k = self.cfg.eval.knn
-            self._knn_data = (
-                build_eval_loader(self.cfg.data, "train", k.batch_size, k.train_subset),
-                build_eval_loader(self.cfg.data, "val", k.batch_size, k.test_subset))
-        return self._knn_data
-
     def _knn(self, model: CaCo) -> dict:
-        from caco.knn import extract_features, knn_classify
+        from caco.knn import knn_accuracy, knn_loaders
         from caco.model import Backbone
 
         k = self.cfg.eval.knn
-        train_loader, test_loader = self._knn_loaders()
-        backbone = Backbone(model.encoder_q)
-        progress = _interactive(self.cfg)
-        kw = dict(device=self.rt.device, channels_last=self.rt.channels_last,
-                  autocast_dtype=self.rt.autocast_dtype, progress=progress)
-        train_f, train_y = extract_features(backbone, train_loader, desc="kNN train", **kw)
-        test_f, test_y = extract_features(backbone, test_loader, desc="kNN test", **kw)
-        return knn_classify(train_f, train_y, test_f, test_y, k=k.k, temperature=k.temperature,
-                            device=self.rt.device)
+        if not hasattr(self, "_knn_data"):
+            self._knn_data = knn_loaders(self.cfg.data, k)
+        return knn_accuracy(Backbone(model.encoder_q), *self._knn_data, k=k.k,
+                            temperature=k.temperature, device=self.rt.device,
+                            channels_last=self.rt.channels_last,
+                            autocast_dtype=self.rt.autocast_dtype,
+                            progress=_interactive(self.cfg))
 
     def _maybe_knn_monitor(self, epoch: int) -> None:
         knn = self.cfg.eval.get("knn")
