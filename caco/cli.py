@@ -58,7 +58,8 @@ def pretrain_main(cfg: DictConfig) -> dict:
 
         init_distributed(cfg)
         guard = PreemptionGuard() if in_submitit_job() else None
-        trainer = Pretrainer(cfg, run_dir, should_stop=guard.should_stop if guard else _never)
+        stop = {"should_stop": guard.should_stop} if guard is not None else {}
+        trainer = Pretrainer(cfg, run_dir, **stop)
         summary = trainer.run()
         if summary["status"] == "stopped" and guard is not None:
             guard.hand_over()
@@ -69,7 +70,3 @@ def pretrain_main(cfg: DictConfig) -> dict:
         shutdown_distributed()
     log.info("run directory: %s", summary["run_dir"])
     return summary
-
-
-def _never() -> bool:
-    return False
