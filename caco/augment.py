@@ -1,9 +1,17 @@
-"""CaCo's asymmetric two-view and multi-crop augmentations (caco.md §6), per image on the CPU.
+"""CaCo's asymmetric two-view and multi-crop augmentations (caco.md §6).
 
-The parameters live in :class:`ViewAug` records; the per-image torchvision pipeline here and
-the batched device-side pipeline (FFCV path) are both built from the same records, so the two
-loaders cannot drift apart. All randomness comes from torch's RNG, so seeding torch per
-sample makes a view reproducible.
+The parameters live in :class:`ViewAug` records. Training splits each view in two stages built
+from the same record, whichever loader runs:
+
+- the host stage, geometry only: decode, random-resized-crop, flip -> uint8 CHW
+  (:class:`GeometricViews` per image on the torchvision path; FFCV's decoder pipeline on the
+  FFCV path);
+- the device stage, colour: jitter, grayscale, blur, solarize, normalise, per sample but
+  batched, on the training device (:class:`caco.device_augment.DeviceAugment`).
+
+:class:`MultiViewAugment` is the whole per-image torchvision pipeline of the reference
+implementation; the tests hold the device stage to it. All host-side randomness comes from
+torch's RNG, so seeding torch per sample makes a view reproducible.
 """
 
 from __future__ import annotations
@@ -93,6 +101,30 @@ def build_view_transform(
         steps.append(T.RandomSolarize(aug.solarize_threshold, p=aug.solarize_p))
     steps += [T.RandomHorizontalFlip(p=aug.flip_p), T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
+
+
+class GeometricViews:
+    """PIL image -> one uint8 CHW tensor per view: random-resized-crop + flip (the host stage)."""
+
+    def __init__(self, views: Sequence[ViewAug]) -> None:
+        from torchvision import transforms as T
+
+        if len(views) < 2:
+            raise ValueError(f"CaCo needs at least two views, got {len(views)}")
+        self.views = list(views)
+        self.transforms = [
+            T.Compose([T.RandomResizedCrop(v.size, scale=v.scale),
+                       T.RandomHorizontalFlip(p=v.flip_p), T.PILToTensor()])
+            for v in self.views
+        ]
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return [t(img) for t in self.transforms]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.views)} views: {self.views})"
 
 
 class MultiViewAugment:

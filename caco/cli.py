@@ -70,3 +70,35 @@ def pretrain_main(cfg: DictConfig) -> dict:
         shutdown_distributed()
     log.info("run directory: %s", summary["run_dir"])
     return summary
+
+
+def prepare_data_main(cfg: DictConfig) -> list:
+    """Entry of ``launch/prepare_data.py``: each split to a .beton, errors as one message."""
+    from caco.data.beton import convert_split, options_from_config
+    from caco.data.ffcv_loader import require_ffcv
+
+    with open_dict(cfg):
+        cfg.output_root = os.path.abspath(str(cfg.output_root))
+    progress = cfg.get("progress", "auto")
+    show = sys.stderr.isatty() if progress == "auto" else bool(progress)
+    results = []
+    try:
+        require_ffcv()
+        if not cfg.data.get("ffcv"):
+            from caco.errors import ConfigError
+
+            raise ConfigError(f"data={cfg.data.get('name')} has no ffcv block to convert with")
+        opts = options_from_config(cfg.data.ffcv)
+        for split in cfg.splits:
+            if split not in ("train", "val"):
+                from caco.errors import ConfigError
+
+                raise ConfigError(f"splits: {split!r} is not a split; use train and/or val")
+            results.append(convert_split(cfg.data, split, opts, progress=show))
+    except CacoError as e:
+        log.error("%s", user_message(e))
+        sys.exit(2)
+    for r in results:
+        state = "written" if r.written else "up to date"
+        log.info("%s: %d samples, %d skipped (%s)", r.path, r.samples, len(r.skipped), state)
+    return results

@@ -153,12 +153,13 @@ class Pretrainer:
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         cfg, rt = self.cfg, self.rt
-        from caco.data.pretrain import build_pretrain_loader
+        from caco.data.pretrain import build_device_augment, build_pretrain_loader
 
         self.per_rank_batch = cfg.batch_size // rt.world
-        self.loader, self.dataset, self.sampler = build_pretrain_loader(
+        self.loader = build_pretrain_loader(
             cfg.data, self.per_rank_batch, rank=rt.rank, world=rt.world, seed=cfg.seed,
             pin_memory=rt.device.type == "cuda")
+        self.augment = build_device_augment(cfg.data)
         self.core = build_model(cfg.model, cfg.seed)
         if rt.world > 1 and rt.device.type == "cuda":
             # PyTorch's SyncBatchNorm is GPU-only; on CPU each rank normalises its own half.
@@ -273,17 +274,22 @@ class Pretrainer:
             hook(path, epoch)
 
     # ------------------------------------------------------------------ data
-    def _to_device(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _to_device(self, views: Sequence[torch.Tensor], epoch: int, step: int
+                   ) -> list[torch.Tensor]:
+        """uint8 views -> the device -> colour stage seeded by (seed, epoch, step, rank)."""
+        from caco.device_augment import batch_seed
+
         fmt = torch.channels_last if self.rt.channels_last else torch.contiguous_format
-        return [v.to(self.rt.device, non_blocking=True, memory_format=fmt) for v in views]
+        on_device = [v.to(self.rt.device, non_blocking=True) for v in views]
+        out = self.augment(on_device, batch_seed(self.cfg.seed, epoch, step, self.rt.rank))
+        return [v.contiguous(memory_format=fmt) for v in out]
 
     def _init_batches(self) -> Iterator[list[torch.Tensor]]:
         """Deterministic batches for the bank initialisation (epochs -1, -2, ...)."""
         for e in itertools.count(1):
-            self.sampler.set_epoch(-e)
-            self.dataset.set_epoch(-e)
-            for views, _ in self.loader:
-                yield self._to_device(views[:2])
+            self.loader.set_epoch(-e)
+            for step, (views, _) in enumerate(self.loader):
+                yield self._to_device(views, -e, step)[:2]
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -360,9 +366,8 @@ class Pretrainer:
         cfg, rt = self.cfg, self.rt
         s = self.schedules.at(epoch)
         set_lr(self.optimizer, s["lr"])
-        self.sampler.set_epoch(epoch, start_step)
-        self.dataset.set_epoch(epoch)
-        steps = self.sampler.steps_per_epoch
+        self.loader.set_epoch(epoch, start_step)
+        steps = self.loader.steps_per_epoch
         self.core.train()
         sums = {"loss": 0.0, "positive_prob": 0.0, "positive_columns_frac": 0.0}
         n, t0 = 0, time.perf_counter()
@@ -375,7 +380,7 @@ class Pretrainer:
                                  desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         every = int(cfg.log_every_steps or 0)
         for i, (views, _) in enumerate(batches, start=start_step):
-            out = caco_step(self.model, self.optimizer, self._to_device(views),
+            out = caco_step(self.model, self.optimizer, self._to_device(views, epoch, i),
                             memory_lr=s["memory_lr"], ema_momentum=s["ema_momentum"],
                             autocast_dtype=rt.autocast_dtype)
             if not math.isfinite(out.loss):

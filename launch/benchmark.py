@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 RUNNERS = {
     "step": ("caco.bench.step", "StepBenchConfig"),
     "slurm": ("caco.bench.slurm", "SlurmBenchConfig"),
+    "dataloader": ("caco.bench.dataloader", "DataloaderBenchConfig"),
 }
 
 
@@ -23,6 +25,8 @@ def main(cfg: DictConfig) -> None:
     name = cfg.bench.name
     module_name, config_class = RUNNERS[name]
     module = importlib.import_module(module_name)
+    with open_dict(cfg):
+        cfg.output_root = os.path.abspath(str(cfg.output_root))
     settings = OmegaConf.to_container(cfg.bench, resolve=True)
     settings.pop("name")
     result = module.run(getattr(module, config_class)(**settings))

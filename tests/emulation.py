@@ -39,8 +39,10 @@ def emulated_ddp_step(model, optimizer, shards, *, memory_lr: float, ema_momentu
 
 def emulate_run(cfg, world: int):
     """The whole (bank_init=false) run of ``cfg`` as ``world`` CPU ranks would train it."""
-    from caco.data.pretrain import EpochShardSampler, SeededViews, build_augment
+    from caco.augment import GeometricViews
+    from caco.data.pretrain import EpochShardSampler, SeededViews, build_device_augment, view_augs
     from caco.data.sources import labelled_split
+    from caco.device_augment import batch_seed
     from caco.optim import LARS, set_lr
     from caco.schedules import Schedules
     from caco.train import build_model
@@ -55,7 +57,8 @@ def emulate_run(cfg, world: int):
     opt = LARS(model.encoder_q.parameters(), lr=sched.base_lr, weight_decay=o.weight_decay,
                momentum=o.momentum, trust_coefficient=o.trust_coefficient)
     base = labelled_split(cfg.data, "train", subset=cfg.data.train_subset)
-    data = SeededViews(base, build_augment(cfg.data), cfg.seed)
+    data = SeededViews(base, GeometricViews(view_augs(cfg.data)), cfg.seed)
+    augment = build_device_augment(cfg.data)
     per_rank = cfg.batch_size // world
     samplers = [EpochShardSampler(len(data), per_rank, rank=r, world=world, seed=cfg.seed)
                 for r in range(world)]
@@ -69,10 +72,11 @@ def emulate_run(cfg, world: int):
             orders.append(list(sampler))
         for step in range(samplers[0].steps_per_epoch):
             shards = []
-            for order in orders:
+            for rank, order in enumerate(orders):
                 samples = [data[i][0] for i in order[step * per_rank:(step + 1) * per_rank]]
-                shards.append([torch.stack([views[v] for views in samples])
-                               for v in range(len(samples[0]))])
+                views = [torch.stack([views[v] for views in samples])
+                         for v in range(len(samples[0]))]
+                shards.append(augment(views, batch_seed(cfg.seed, epoch, step, rank)))
             emulated_ddp_step(model, opt, shards, memory_lr=s["memory_lr"],
                               ema_momentum=s["ema_momentum"])
     return model

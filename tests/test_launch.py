@@ -13,7 +13,7 @@ from helpers import CONFIGS, ROOT, assert_same_weights, compose_pretrain, model_
 from hydra.utils import instantiate
 from PIL import Image
 
-from caco.data.pretrain import build_augment
+from caco.data.pretrain import view_augs
 from caco.schedules import Schedules
 from caco.train import build_model
 
@@ -39,7 +39,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
                       m0=cfg.optim.ema_momentum, warmup_epochs=cfg.optim.warmup_epochs,
                       epochs=cfg.epochs, global_batch=cfg.batch_size)
     assert sched.at(cfg.epochs - 1)["lr"] > 0
-    n_views = len(build_augment(cfg.data).views)
+    n_views = len(view_augs(cfg.data))
     assert n_views == (8 if experiment == "in1k_800ep_multicrop" else 2)
     with_hydra = compose_pretrain(f"experiment={experiment}")
     assert with_hydra.epochs == cfg.epochs

@@ -1,6 +1,12 @@
-"""Pretraining and evaluation loaders on the torchvision path (``data.loader=torch``).
+"""Pretraining and evaluation loaders; ``data.loader`` picks torchvision (``torch``) or FFCV.
 
-Exact resume needs the same batches with the same augmentations after a restart, so:
+Both pretraining loaders yield ``(views, labels)`` with each view uint8 (B, 3, S, S), cropped
+and flipped (the host stage); the trainer applies the colour stage on its device
+(:class:`caco.device_augment.DeviceAugment`). Both take the order from
+:class:`EpochShardSampler`. Evaluation loaders yield normalised float images.
+
+Exact resume on the torchvision path needs the same batches with the same augmentations after
+a restart, so:
 - the order comes from :class:`EpochShardSampler`, a pure function of (seed, epoch, rank)
   that can also start part-way through an epoch;
 - each sample's views come from :class:`SeededViews`, which seeds torch's RNG from
@@ -15,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from caco.augment import MultiViewAugment, caco_multi_crop, caco_two_views
+from caco.augment import GeometricViews, ViewAug, caco_multi_crop, caco_two_views
 from caco.data.sources import labelled_split
 from caco.errors import ConfigError, DataError
 
@@ -92,19 +98,34 @@ class EpochShardSampler(Sampler[int]):
         return iter(mine[self.start_step * self.batch_size :].tolist())
 
 
-def build_augment(data: DictConfig) -> MultiViewAugment:
-    mean, std = tuple(data.mean), tuple(data.std)
+LOADERS = ("torch", "ffcv")
+
+
+def view_augs(data: DictConfig) -> list[ViewAug]:
+    """The views ``data.augment`` defines (two_view or multi_crop), shared by both loaders."""
     if data.augment == "two_view":
-        views = caco_two_views(size=data.image_size, scale=tuple(data.crop_scale),
-                               blur=bool(data.get("blur", True)))
-    elif data.augment == "multi_crop":
+        return caco_two_views(size=data.image_size, scale=tuple(data.crop_scale),
+                              blur=bool(data.get("blur", True)))
+    if data.augment == "multi_crop":
         mc = data.multi_crop
-        views = caco_multi_crop(global_size=data.image_size, local_size=mc.local_size,
-                                n_local=mc.n_local, global_scale=tuple(mc.global_scale),
-                                local_scale=tuple(mc.local_scale))
-    else:
-        raise ConfigError(f"data.augment={data.augment!r}: use 'two_view' or 'multi_crop'")
-    return MultiViewAugment(views, mean, std)
+        return caco_multi_crop(global_size=data.image_size, local_size=mc.local_size,
+                               n_local=mc.n_local, global_scale=tuple(mc.global_scale),
+                               local_scale=tuple(mc.local_scale))
+    raise ConfigError(f"data.augment={data.augment!r}: use 'two_view' or 'multi_crop'")
+
+
+def build_device_augment(data: DictConfig):
+    """The colour stage for ``data``'s views, run by the trainer on its device."""
+    from caco.device_augment import DeviceAugment
+
+    return DeviceAugment(view_augs(data), tuple(data.mean), tuple(data.std))
+
+
+def loader_kind(data: DictConfig) -> str:
+    kind = str(data.get("loader", "torch"))
+    if kind not in LOADERS:
+        raise ConfigError(f"data.loader={kind!r}: use one of {list(LOADERS)}")
+    return kind
 
 
 def _collate_views(batch):
@@ -113,25 +134,53 @@ def _collate_views(batch):
     return views, labels
 
 
+class TorchPretrainLoader:
+    """Iterates ``(views, labels)`` from a torchvision dataset through a DataLoader."""
+
+    def __init__(self, data: DictConfig, views: list[ViewAug], per_rank_batch: int, *,
+                 rank: int = 0, world: int = 1, seed: int = 0, pin_memory: bool = False
+                 ) -> None:
+        base = labelled_split(data, "train", subset=data.get("train_subset"))
+        self.views = views
+        self.dataset = SeededViews(base, GeometricViews(views), seed)
+        self.sampler = EpochShardSampler(len(self.dataset), per_rank_batch, rank=rank,
+                                         world=world, seed=seed)
+        workers = int(data.num_workers)
+        self.loader = DataLoader(
+            self.dataset, batch_size=per_rank_batch, sampler=self.sampler,
+            num_workers=workers, collate_fn=_collate_views, pin_memory=pin_memory,
+            drop_last=True, persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_step)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
 def build_pretrain_loader(
     data: DictConfig, per_rank_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
     pin_memory: bool = False,
-) -> tuple[DataLoader, SeededViews, EpochShardSampler]:
-    """The two-view / multi-crop training loader; call ``set_epoch`` on dataset and sampler."""
-    if data.get("loader", "torch") != "torch":
-        raise ConfigError(
-            f"data.loader={data.loader!r} is not available yet on this path; use data.loader=torch"
-        )
-    base = labelled_split(data, "train", subset=data.get("train_subset"))
-    dataset = SeededViews(base, build_augment(data), seed)
-    sampler = EpochShardSampler(len(dataset), per_rank_batch, rank=rank, world=world, seed=seed)
-    workers = int(data.num_workers)
-    loader = DataLoader(
-        dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
-        collate_fn=_collate_views, pin_memory=pin_memory, drop_last=True,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-    )
-    return loader, dataset, sampler
+):
+    """The two-view / multi-crop training loader of ``data.loader``; call ``set_epoch``."""
+    views = view_augs(data)
+    if loader_kind(data) == "ffcv":
+        from caco.data.ffcv_loader import FFCVPretrainLoader
+
+        return FFCVPretrainLoader(data, views, per_rank_batch, rank=rank, world=world,
+                                  seed=seed)
+    return TorchPretrainLoader(data, views, per_rank_batch, rank=rank, world=world, seed=seed,
+                               pin_memory=pin_memory)
 
 
 def eval_transform(data: DictConfig):
@@ -145,17 +194,26 @@ def eval_transform(data: DictConfig):
 
 
 def build_eval_loader(data: DictConfig, split: str, batch_size: int,
-                      subset: int | None = None) -> DataLoader:
+                      subset: int | None = None):
+    """Resize + center crop + normalise, in order: kNN and linear-probe evaluation."""
+    if loader_kind(data) == "ffcv":
+        from caco.data.ffcv_loader import FFCVEvalLoader
+
+        return FFCVEvalLoader(data, split, batch_size, subset=subset)
     ds = labelled_split(data, split, transform=eval_transform(data), subset=subset)
     if len(ds) == 0:
         raise DataError(f"the {split} split of data.kind={data.kind} is empty")
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(data.num_workers))
 
 
-
-def linear_train_loader(data: DictConfig, batch_size: int, subset: int | None = None
-                        ) -> DataLoader:
+def linear_train_loader(data: DictConfig, batch_size: int, subset: int | None = None,
+                        seed: int = 0):
     """RandomResizedCrop + flip + normalise: the linear probe's training view."""
+    if loader_kind(data) == "ffcv":
+        from caco.data.ffcv_loader import FFCVEvalLoader
+
+        return FFCVEvalLoader(data, "train", batch_size, subset=subset, train_augment=True,
+                              seed=seed)
     from torchvision import transforms as T
 
     transform = T.Compose([

@@ -47,6 +47,17 @@ def _imagefolder(root: Path, transform):
         raise DataError(f"data folder {root}: {e}") from None
 
 
+def ensure_generated(data: DictConfig) -> None:
+    """Create the generated JPEG folder ``data.root`` describes (``data.generate``), once."""
+    from caco.data.generated import ensure_generated_folder
+
+    if data.get("root") is None:
+        raise ConfigError("data.root is not set: generated data needs a folder to be written to")
+    g = data.generate
+    ensure_generated_folder(str(data.root), train_per_class=g.train_per_class,
+                            val_per_class=g.val_per_class, size=g.size, seed=g.get("seed", 0))
+
+
 def labelled_split(data: DictConfig, split: str, transform=None, subset: int | None = None):
     """The ``split`` ('train' or 'val') of the dataset described by the ``data`` config."""
     kind = data.kind
@@ -65,6 +76,8 @@ def labelled_split(data: DictConfig, split: str, transform=None, subset: int | N
         full.transform = transform
         return full
 
+    if data.get("generate"):
+        ensure_generated(data)
     if data.root is None:
         raise DataError(
             "data.root is not set: point it at an ImageNet-style folder with train/ and val/ "
