@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -328,6 +329,11 @@ def convert_split(data: DictConfig, split: str, opts: ConversionOptions, *,
                           compress_probability=opts.compress_probability)
     log.info("writing %s: %d images, %d classes (%s)", out, len(keep), len(source.classes),
              opts.record())
+    import ffcv.writer
+
+    bar = ffcv.writer.tqdm
+    # FFCV's writer always draws a bar; show it on terminals only, like ours.
+    ffcv.writer.tqdm = partial(bar, disable=not progress, desc=f"writing {out.name}")
     try:
         writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()},
                                num_workers=max(1, opts.num_workers))
@@ -335,6 +341,7 @@ def convert_split(data: DictConfig, split: str, opts: ConversionOptions, *,
         _fsync(tmp)
         os.replace(tmp, out)
     finally:
+        ffcv.writer.tqdm = bar
         if tmp.exists():
             tmp.unlink()
     record = {**wanted, "samples": len(keep), "skipped": list(skipped)}

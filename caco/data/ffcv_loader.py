@@ -136,8 +136,7 @@ class FFCVPretrainLoader:
                                          rank=rank, world=world, seed=seed)
         self._indices = indices
         key = ("pretrain", str(path), path.stat().st_mtime_ns, tuple(self.views),
-               per_rank_batch, world, int(data.num_workers),
-               None if indices is None else len(indices),
+               per_rank_batch, int(data.num_workers), None if indices is None else len(indices),
                _config_key(data.get("ffcv")))
 
         def build():
@@ -152,7 +151,16 @@ class FFCVPretrainLoader:
                            ffcv_cfg=data.get("ffcv"), seed=seed)
 
         self.loader = _cached_loader(key, build)
+        self._bind()
+
+    def _bind(self) -> None:
+        # A cached Loader may have served another sampler (rank, world, seed); FFCV sizes its
+        # epochs from the order it saw first, so show it this one's full epoch.
         self.loader.traversal_order.sampler = self.sampler
+        epoch, start = self.sampler.epoch, self.sampler.start_step
+        self.sampler.set_epoch(epoch, 0)
+        self.loader.first_traversal_order = self.loader.next_traversal_order()
+        self.sampler.set_epoch(epoch, start)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -165,7 +173,7 @@ class FFCVPretrainLoader:
         return self.steps_per_epoch - self.sampler.start_step
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        self.loader.traversal_order.sampler = self.sampler
+        self._bind()
         for batch in self.loader:
             image, label, *more = batch
             yield [image.clone(), *(m.clone() for m in more)], label.clone()
