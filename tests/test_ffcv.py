@@ -113,9 +113,9 @@ def broken_tree(data, tmp_path) -> Path:
     return tree
 
 
-def _folder_data(data, tree: Path, **ffcv):
+def _folder_data(data, tree: Path, **options):
     return OmegaConf.merge(data, {"root": str(tree), "generate": None,
-                                  "ffcv": {"dir": str(tree / "ffcv"), **ffcv}})
+                                  "ffcv": {"dir": str(tree / "ffcv"), **options}})
 
 
 def test_unreadable_images_are_named_and_skipped_or_stop_the_conversion(data, broken_tree,
@@ -248,7 +248,7 @@ def test_eval_loaders_match_the_torchvision_eval_view(data):
     # (normalised units; a different image is ~1.0 away).
     assert max(diffs) < 0.15, diffs
     probe = FFCVEvalLoader(data, "train", 32, train_augment=True)
-    x, y = next(iter(probe))
+    x, _ = next(iter(probe))
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
 
 
