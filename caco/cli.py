@@ -37,6 +37,27 @@ def user_message(error: BaseException) -> str:
     return text
 
 
+def _dag_scheduler(cfg: DictConfig, run_dir: Path):
+    """Rank 0's evaluation-DAG scheduler, when ``dag.nodes`` declares any node."""
+    import torch.distributed as dist
+
+    if not (cfg.get("dag") and cfg.dag.get("nodes")):
+        return None
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    from caco.dag.scheduler import DagScheduler
+
+    scheduler = DagScheduler(cfg, run_dir)
+    node = scheduler.final_knn_node()
+    knn = cfg.get("eval", {}).get("knn")
+    if node and knn is not None and knn.get("final"):
+        log.info("the final kNN (eval/knn_top1%s) comes from the DAG's %s node",
+                 ", eval/knn_top1_random_init" if knn.get("random_init_baseline") else "", node)
+        with open_dict(cfg):
+            cfg.eval.knn.final = False
+    return scheduler
+
+
 def pretrain_main(cfg: DictConfig) -> dict:
     """Entry of ``launch/pretrain.py`` in every process of a job.
 
@@ -59,8 +80,14 @@ def pretrain_main(cfg: DictConfig) -> dict:
         init_distributed(cfg)
         guard = PreemptionGuard() if in_submitit_job() else None
         stop = {"should_stop": guard.should_stop} if guard is not None else {}
-        trainer = Pretrainer(cfg, run_dir, **stop)
+        scheduler = _dag_scheduler(cfg, run_dir)
+        trainer = Pretrainer(cfg, run_dir, milestone_hooks=[scheduler] if scheduler else [],
+                             **stop)
         summary = trainer.run()
+        if scheduler is not None:
+            finished = summary["status"] == "finished"
+            scheduler.close(wait=finished and bool(cfg.dag.get("wait", True)))
+            summary["dag"] = scheduler.summary()
         if summary["status"] == "stopped" and guard is not None:
             guard.hand_over()
     except CacoError as e:

@@ -193,3 +193,15 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return backbone_features(self.encoder, x)
+
+
+def build_model(model_cfg, seed: int) -> CaCo:
+    """A CaCo model whose initial weights (and random bank) depend on ``seed`` only."""
+    torch.manual_seed(seed)
+    blocks = list(model_cfg.blocks) if model_cfg.get("blocks") is not None else None
+    return CaCo(
+        model_cfg.arch, dim=model_cfg.dim, mlp_dim=model_cfg.mlp_dim,
+        bank_size=model_cfg.bank_size, moco_t=model_cfg.moco_t, mem_t=model_cfg.mem_t,
+        mem_momentum=model_cfg.mem_momentum, small_stem=model_cfg.small_stem,
+        width=model_cfg.width, blocks=blocks,
+    )

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caco.checkpoint import CheckpointError, link_or_copy, read_checkpoint, save_atomic
 from caco.errors import ConfigError, TrainingDiverged
-from caco.model import CaCo
+from caco.model import CaCo, build_model
 from caco.optim import LARS, set_lr
 from caco.runtime import Runtime, resolve_runtime
 from caco.schedules import Schedules
@@ -51,18 +51,6 @@ REPLICA_KEYS = ("epochs", "batch_size", "seed", "optim", "data.augment", "data.i
                 "data.train_subset", "data.kind")
 
 MilestoneHook = Callable[[Path, int], None]
-
-
-def build_model(model_cfg: DictConfig, seed: int) -> CaCo:
-    """A CaCo model whose initial weights (and random bank) depend on ``seed`` only."""
-    torch.manual_seed(seed)
-    blocks = list(model_cfg.blocks) if model_cfg.get("blocks") is not None else None
-    return CaCo(
-        model_cfg.arch, dim=model_cfg.dim, mlp_dim=model_cfg.mlp_dim,
-        bank_size=model_cfg.bank_size, moco_t=model_cfg.moco_t, mem_t=model_cfg.mem_t,
-        mem_momentum=model_cfg.mem_momentum, small_stem=model_cfg.small_stem,
-        width=model_cfg.width, blocks=blocks,
-    )
 
 
 def validate(cfg: DictConfig, world: int) -> None:

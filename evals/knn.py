@@ -10,6 +10,7 @@ import os
 
 from omegaconf import DictConfig
 
+from caco.errors import ConfigError
 from caco.knn import extract_features, knn_classify
 
 __all__ = ["evaluate", "extract_features", "knn_classify"]
@@ -22,6 +23,27 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
 
     k = cfg.eval.knn
     e = prepare(checkpoint, cfg)
-    result = knn_accuracy(e.backbone, *knn_loaders(e.data, k), k=k.k,
-                          temperature=k.temperature, device=e.device)
-    return {"knn_top1": result["top1"], "knn_top5": result["top5"], "epoch": e.info["epoch"]}
+    loaders = knn_loaders(e.data, k)
+    result = knn_accuracy(e.backbone, *loaders, k=k.k, temperature=k.temperature,
+                          device=e.device)
+    out = {"knn_top1": result["top1"], "knn_top5": result["top5"], "epoch": e.info["epoch"]}
+    if k.get("random_init_baseline"):
+        out.update(_random_init_baseline(e, loaders, k))
+    return out
+
+
+def _random_init_baseline(e, loaders, k) -> dict[str, float]:
+    """The same architecture at the run's own random initialisation (same seed)."""
+    from omegaconf import OmegaConf
+
+    from caco.knn import knn_accuracy
+    from caco.model import Backbone, build_model
+
+    config = e.info.get("config") or {}
+    if "model" not in config or "seed" not in config:
+        raise ConfigError("eval.knn.random_init_baseline needs a caco-toolkit checkpoint (it "
+                          "records the model config and seed); set it to false")
+    model = build_model(OmegaConf.create(config["model"]), int(config["seed"]))
+    base = knn_accuracy(Backbone(model.encoder_q).to(e.device).eval(), *loaders, k=k.k,
+                        temperature=k.temperature, device=e.device)
+    return {"knn_top1_random_init": base["top1"], "knn_top5_random_init": base["top5"]}

@@ -1,0 +1,195 @@
+"""``DagScheduler``: the trainer's milestone hook that fans a checkpoint out into its DAG.
+
+Called on rank 0 right after a milestone checkpoint is written. The call only enqueues: a
+background thread plans the checkpoint's nodes (:func:`caco.dag.plan.plan_checkpoint`),
+claims each in the ledger (SUBMITTING + idempotency key) BEFORE handing it to the executor,
+then records SUBMITTED with the job id. So training never waits on submission, and a job
+killed anywhere in between is recognised on restart:
+
+- a node already in the ledger is never submitted again;
+- a SUBMITTING node (crash between claim and record) is looked up by its key in the cluster
+  (``executor.lookup``) and only submitted if it is not there;
+- milestone checkpoints on disk without ledger entries (crash before the hook ran) are
+  scheduled on the next call or at ``close``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from caco.dag.ledger import EvalLedger
+from caco.dag.node import NodeJob
+from caco.dag.plan import NodeSpec, parse_dag, plan_checkpoint
+from caco.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EVAL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eval"
+_MILESTONE = re.compile(r"epoch_(\d{4,})\.pt$")
+
+
+def eval_settings(cfg: DictConfig, spec: NodeSpec) -> dict[str, Any]:
+    """Evaluator defaults (configs/eval/<name>.yaml) < the run's ``eval.<name>`` < the node's
+    ``settings`` (so kNN uses the experiment's k and temperature)."""
+    if spec.evaluator == "report":
+        return dict(spec.settings)
+    path = EVAL_CONFIGS / f"{spec.evaluator}.yaml"
+    if not path.exists():
+        raise ConfigError(f"dag node {spec.name}: no evaluator config {path}")
+    base = OmegaConf.load(path)[spec.evaluator]
+    run = (cfg.get("eval") or {}).get(spec.evaluator) or {}
+    merged = OmegaConf.merge(base, run, OmegaConf.create(dict(spec.settings)))
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def make_executor(cfg: DictConfig, run_dir: Path):
+    from caco.dag.executors import LocalExecutor, SlurmExecutor
+
+    name = str(cfg.cluster.get("name", "local"))
+    if name == "slurm":
+        return SlurmExecutor(run_dir, max_num_timeout=int(cfg.dag.get("max_num_timeout", 3)),
+                             additional_parameters=cfg.dag.get("additional_parameters") or {})
+    return LocalExecutor(run_dir)
+
+
+class DagScheduler:
+    def final_knn_node(self) -> str | None:
+        """The kNN node that evaluates the final checkpoint, if any (then the trainer's own
+        final kNN would only repeat it)."""
+        final = int(self.cfg.epochs)
+        for spec in plan_checkpoint(self.specs, final, final, is_milestone=True):
+            if spec.evaluator == "knn":
+                return spec.name
+        return None
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, executor=None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir).resolve()
+        self.specs = parse_dag(OmegaConf.to_container(cfg.dag.nodes, resolve=True))
+        self.ledger = EvalLedger(self.run_dir)
+        self.executor = executor or make_executor(cfg, self.run_dir)
+        self.retries = int(cfg.dag.get("retries", 2))
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._caught_up = False
+        self.latencies: list[float] = []  # checkpoint written -> all its nodes submitted
+        self.hook_seconds = 0.0  # time the training thread spent in this hook
+
+    # ------------------------------------------------------------------ the hook
+    def __call__(self, checkpoint: str | Path, epoch: int) -> None:
+        t0 = time.perf_counter()
+        self._queue.put((str(checkpoint), int(epoch), time.time()))
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="caco-dag", daemon=True)
+            self._thread.start()
+        self.hook_seconds += time.perf_counter() - t0
+
+    def _work(self) -> None:
+        while True:
+            try:
+                checkpoint, epoch, written = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                return
+            try:
+                if not self._caught_up:
+                    self.catch_up()
+                self.schedule(checkpoint, epoch, written)
+            except Exception:
+                log.exception("evaluation DAG of epoch %d not scheduled", epoch)
+            finally:
+                self._queue.task_done()
+
+    # ------------------------------------------------------------------ scheduling
+    def _tracking(self) -> dict[str, str] | None:
+        path = self.run_dir / "tracking.json"
+        if not path.exists():
+            return None
+        info = json.loads(path.read_text())
+        return {"uri": info["uri"], "experiment_id": info["experiment_id"],
+                "parent_run_id": info["run_id"]}
+
+    def _job(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> NodeJob:
+        data = OmegaConf.to_container(self.cfg.data, resolve=True)
+        data.update(dict(self.cfg.dag.nodes[spec.name].get("data") or {}))
+        settings = eval_settings(self.cfg, spec)
+        if spec.evaluator == "knn" and epoch != int(self.cfg.epochs):
+            settings["random_init_baseline"] = False  # once, next to the final checkpoint
+        return NodeJob(
+            run_dir=str(self.run_dir), epoch=epoch, node=spec.name, evaluator=spec.evaluator,
+            checkpoint=checkpoint, key=key, settings=settings, data=data,
+            device=str(spec.resources.get("device", "auto")),
+            threads=int(spec.resources.get("threads", 0) or 0), retries=self.retries,
+            needs=list(spec.needs), tracking=self._tracking())
+
+    def schedule(self, checkpoint: str, epoch: int, written: float | None = None) -> list[dict]:
+        """Submit the checkpoint's nodes that the ledger does not hold yet."""
+        written = written or time.time()
+        plan = plan_checkpoint(self.specs, epoch, int(self.cfg.epochs), is_milestone=True)
+        done = []
+        for spec in plan:
+            entry = self.ledger.claim(epoch, spec.name, checkpoint)
+            if entry is None:
+                entry = self.ledger.get(epoch, spec.name)
+                if entry["state"] != "SUBMITTING":
+                    continue  # submitted before: never twice
+                found = self.executor.lookup(entry["key"])
+                if found is not None:
+                    self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=found,
+                                       backend=self.executor.kind)
+                    log.info("evaluation %s of epoch %d was already submitted as job %s",
+                             spec.name, epoch, found)
+                    continue
+            done.append(self._submit(spec, checkpoint, epoch, entry["key"]))
+        if done:
+            latency = time.time() - written
+            self.latencies.append(latency)
+            log.info("epoch %d: %d evaluation job(s) submitted %.2f s after the checkpoint "
+                     "(%s)", epoch, len(done), latency,
+                     ", ".join(f"{e['node']}={e['job_id']}" for e in done))
+        return done
+
+    def _submit(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> dict:
+        after = []
+        for need in spec.needs:
+            dep = self.ledger.get(epoch, need) or {}
+            after.append((spec.dependency, need, str(dep.get("job_id"))))
+        job = self._job(spec, checkpoint, epoch, key)
+        job_id = self.executor.submit(job, spec.resources, after)
+        return self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=job_id,
+                                  backend=self.executor.kind, submitted=time.time())
+
+    def catch_up(self) -> None:
+        """Schedule milestone checkpoints on disk that the ledger has not seen (or only half)."""
+        self._caught_up = True
+        ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*.pt"))
+        for path in ckpts:
+            m = _MILESTONE.search(path.name)
+            if m:
+                self.schedule(str(path), int(m.group(1)))
+
+    # ------------------------------------------------------------------ end of training
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Drain the submission queue; with a local executor, wait for its evaluations."""
+        self._queue.join()
+        if not self._caught_up:
+            self.catch_up()
+        log.info("evaluation DAG: %s", self.summary())
+        pending = self.executor.pending()
+        if wait and pending:
+            log.info("waiting for %d local evaluation job(s) to finish", pending)
+            if not self.executor.wait(timeout):
+                log.warning("local evaluations still running after %.0f s", timeout)
+
+    def summary(self) -> dict[str, Any]:
+        lat = self.latencies
+        return {"checkpoints": len(lat), "max_submit_latency_s": round(max(lat), 3) if lat
+                else None, "hook_seconds": round(self.hook_seconds, 6)}
