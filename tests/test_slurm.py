@@ -1,5 +1,6 @@
-"""On the real one-node SLURM cluster (launch/local_slurm.sh): sweeps, a 2-task DDP job,
-preemption with USR2 and a plain requeue. Required in CI: a missing cluster FAILS."""
+"""On the real one-node SLURM cluster (launch/local_slurm.sh): sweeps with their evaluation
+DAGs, a 2-task DDP job, preemption with USR2 and a plain requeue. Required in CI: a missing
+cluster FAILS."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import torch
 from emulation import emulate_run
 from helpers import assert_same_weights, compose_pretrain, model_state, run_cli
 from slurm_utils import job_ids_from, logs_from, require_cluster, sacct_states, wait_for_jobs
+
+from caco.dag.ledger import EvalLedger
+from caco.slurm_accounting import job_history
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -37,12 +41,18 @@ def _run_dirs(tmp: Path) -> list[Path]:
     return sorted(p for p in tmp.glob("sweeps/*/*") if (p / "config.yaml").exists())
 
 
+# A DAG node whose data cannot be found: retried in its job, then reported as failed.
+BROKEN = ("+dag.nodes.broken={evaluator: knn, when: final, data: {root: /nonexistent/fmnist}, "
+          "resources: {gpus: 0, cpus: 1, mem_gb: 1, timeout_min: 5, device: cpu, threads: 1}}",
+          "dag.nodes.report.needs=[knn,linear,broken]")
+
+
 @pytest.fixture(scope="session")
 def sweep(cluster, tmp_path_factory):
-    """THE shared sweep: `-m cluster=slurm epochs=1,2 experiment=smoke`, as a user runs it
-    (returns after submission); then waits for both jobs."""
+    """THE shared sweep: `-m cluster=slurm epochs=1,2 experiment=smoke dag=smoke`, as a user
+    runs it (returns after submission); then waits for both jobs."""
     tmp = tmp_path_factory.mktemp("sweep")
-    ids, logs, _ = _submit(tmp, "epochs=1,2")
+    ids, logs, _ = _submit(tmp, "epochs=1,2", "dag=smoke", *BROKEN)
     at_return = {j: (sacct_states(j) or ["PENDING"])[-1] for j in ids}
     states = wait_for_jobs(ids, 600, logs)
     return {"tmp": tmp, "ids": ids, "logs": logs, "at_return": at_return, "states": states}
@@ -59,8 +69,7 @@ def test_sweep_points_have_their_checkpoints_and_mlflow_runs(sweep):
     from mlflow.tracking import MlflowClient
 
     dirs = _run_dirs(sweep["tmp"])
-    assert [d.name for d in dirs] == ["0_epochs=1,experiment=smoke",
-                                      "1_epochs=2,experiment=smoke"]
+    assert [d.name.split(",")[1] for d in dirs] == ["epochs=1", "epochs=2"]
     assert sorted(p.name for p in (dirs[0] / "checkpoints").iterdir()) == [
         "epoch_0001.pt", "last.pt"]
     assert sorted(p.name for p in (dirs[1] / "checkpoints").iterdir()) == [
@@ -75,6 +84,120 @@ def test_sweep_points_have_their_checkpoints_and_mlflow_runs(sweep):
         steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
         assert steps == list(range(1, epochs + 1))
         assert run.data.params["cluster.name"] == "slurm"
+
+
+@pytest.fixture(scope="session")
+def sweep_dag(sweep):
+    """Every evaluation job the sweep's checkpoints fanned out into, waited for."""
+    dirs = _run_dirs(sweep["tmp"])
+    ledgers = {d: EvalLedger(d).entries() for d in dirs}
+    ids = [str(e["job_id"]) for entries in ledgers.values() for e in entries]
+    states = wait_for_jobs(ids, 900, [d / "dag" / "slurm" for d in dirs])
+    return {"dirs": dirs, "states": states,
+            "ledgers": {d: {(e["epoch"], e["node"]): e for e in EvalLedger(d).entries()}
+                        for d in dirs}}
+
+
+def _sacct_times(job: str) -> tuple[str, str, str]:
+    row = job_history(job)[-1]
+    return row["submit"], row["start"], row["end"]
+
+
+def test_each_checkpoint_fans_out_into_slurm_jobs_with_their_dependencies(sweep, sweep_dag):
+    two_epochs = sweep_dag["dirs"][1]
+    entries = sweep_dag["ledgers"][two_epochs]
+    assert sorted(entries) == [(1, "knn"), (1, "report"), (2, "broken"), (2, "knn"),
+                               (2, "linear"), (2, "report")]
+    assert sorted(sweep_dag["ledgers"][sweep_dag["dirs"][0]]) == [
+        (1, "broken"), (1, "knn"), (1, "linear"), (1, "report")]
+    for (epoch, node), e in entries.items():
+        job = str(e["job_id"])
+        want = "FAILED" if node == "broken" else "COMPLETED"
+        assert sweep_dag["states"][job] == want, (epoch, node, e)
+        assert e["state"] == want
+        names = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobName", "-j", job],
+                               capture_output=True, text=True).stdout.split()
+        assert names == [e["key"]]  # the idempotency key is the job's name
+    for epoch in (1, 2):
+        report = entries[epoch, "report"]
+        script = (two_epochs / "dag" / "slurm" / str(report["job_id"]) /
+                  f"{report['job_id']}_submission.sh").read_text()
+        needs = [n for (ep, n) in entries if ep == epoch and n != "report"]
+        wanted = sorted(str(entries[epoch, n]["job_id"]) for n in needs)
+        line = next(x for x in script.splitlines() if "--dependency=" in x)
+        kind, ids = line.split("--dependency=")[1].split(":", 1)
+        assert kind == "afterany" and sorted(ids.split(":")) == wanted, line
+        assert "--kill-on-invalid-dep=yes" in script
+        report_start = _sacct_times(str(report["job_id"]))[1]
+        for n in needs:  # sacct's ISO times sort as strings
+            assert report_start >= _sacct_times(str(entries[epoch, n]["job_id"]))[2]
+
+    # Every checkpoint's jobs were all submitted well within 2 s of it being written.
+    import re
+
+    text = "".join(p.read_text() for log in sweep["logs"] for p in log.parent.glob("*_log.*"))
+    latencies = [float(x) for x in re.findall(r"submitted ([\d.]+) s after the checkpoint", text)]
+    assert len(latencies) == 3 and max(latencies) < 2.0, latencies
+
+
+def test_slurm_evaluations_are_child_runs_with_parent_metrics(sweep, sweep_dag):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{sweep['tmp']}/mlflow.db")
+    run_dir = sweep_dag["dirs"][1]
+    parent_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
+    entries = sweep_dag["ledgers"][run_dir]
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == sorted(f"e{ep:04d}-{n}" for ep, n in entries)
+    for (epoch, node), e in entries.items():
+        tags = by_name[f"e{epoch:04d}-{node}"].data.tags
+        assert tags["slurm_job_id"] == str(e["job_id"]) and tags["evaluator"] in (
+            "knn", "linear", "report")
+    steps = sorted(m.step for m in client.get_metric_history(parent_id, "eval/knn_top1"))
+    assert steps == [1, 2]
+    assert [m.step for m in client.get_metric_history(parent_id,
+                                                      "eval/linear_cached_top1")] == [2]
+    failed = {m.step: m.value for m in client.get_metric_history(parent_id,
+                                                                  "eval/dag_failed_nodes")}
+    assert failed == {1: 0.0, 2: 1.0}
+
+
+def test_a_failing_evaluation_is_retried_in_its_job_then_reported(sweep_dag):
+    run_dir = sweep_dag["dirs"][1]
+    e = sweep_dag["ledgers"][run_dir][2, "broken"]
+    assert e["attempts"] == 2 and "/nonexistent/fmnist" in e["error"]
+    report = json.loads((run_dir / "evals" / "e0002" / "report.json").read_text())
+    assert report["failed"] == ["broken"]
+
+
+def test_a_submission_interrupted_before_the_ledger_write_is_not_repeated(cluster, tmp_path):
+    """Crash between sbatch and the ledger update: the SUBMITTING entry is found by its key."""
+    from caco.dag.executors import SlurmExecutor
+    from caco.dag.scheduler import DagScheduler
+
+    cfg = compose_pretrain("experiment=smoke", "cluster=slurm", "dag=smoke",
+                           f"output_root={tmp_path}")
+    run_dir = tmp_path / "runs" / "r"
+    ckpt = run_dir / "checkpoints" / "epoch_0001.pt"
+    ledger = EvalLedger(run_dir)
+    scheduler = DagScheduler(cfg, run_dir)
+    entry = ledger.claim(1, "knn", ckpt)
+    # What the crashed process did: submitted the job under its key, then died.
+    first = SlurmExecutor(run_dir).submit(scheduler._job(scheduler.specs["knn"], str(ckpt), 1,
+                                                         entry["key"]), {"cpus": 1}, [])
+    subprocess.run(["scontrol", "hold", first], check=True)  # keep it pending
+    try:
+        done = scheduler.schedule(str(ckpt), 1)
+        assert ledger.get(1, "knn")["job_id"] == first  # found, not resubmitted
+        assert [e["node"] for e in done] == ["report"]
+        named = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-S", "2000-01-01",
+                                "--name", entry["key"]], capture_output=True, text=True)
+        assert named.stdout.split() == [first]
+    finally:
+        subprocess.run(["scancel", first, str(ledger.get(1, "report")["job_id"])])
 
 
 def test_two_task_job_matches_single_process_emulation(cluster, tmp_path):
@@ -104,11 +227,14 @@ def test_usr2_preemption_and_plain_requeue_resume_to_identical_weights(sweep, tm
     for mode in ("usr2", "requeue"):
         tmp = tmp_path / mode
         tmp.mkdir()
-        ids, logs, _ = _submit(tmp, "epochs=2")
+        dag = ("dag=smoke",) if mode == "requeue" else ()
+        ids, logs, _ = _submit(tmp, "epochs=2", *dag)
         job = ids[0]
         run_dir = None
         deadline = time.time() + 300
-        while run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists():
+        while run_dir is None or not (run_dir / "checkpoints" / "last.pt").exists() or (
+                dag and len(EvalLedger(run_dir).entries()) < 2):
+            # (with the DAG: requeue once the first milestone's jobs are submitted)
             assert time.time() < deadline, f"job {job} wrote no checkpoint; logs {logs}"
             dirs = _run_dirs(tmp)
             run_dir = dirs[0] if dirs else None
@@ -125,6 +251,15 @@ def test_usr2_preemption_and_plain_requeue_resume_to_identical_weights(sweep, tm
         assert "resuming from" in log_text, logs
         if mode == "usr2":
             assert "stop requested: saving" in log_text
+        else:  # the requeued job submitted no evaluation twice
+            entries = EvalLedger(run_dir).entries()
+            assert sorted((e["epoch"], e["node"]) for e in entries) == [
+                (1, "knn"), (1, "report"), (2, "knn"), (2, "linear"), (2, "report")]
+            for e in entries:
+                named = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-S",
+                                        "2000-01-01", "--name", e["key"]],
+                                       capture_output=True, text=True).stdout.split()
+                assert named == [str(e["job_id"])], (e, named)
         results[mode] = model_state(run_dir / "checkpoints" / "last.pt")
     for mode, state in results.items():
         assert_same_weights(state, uninterrupted)

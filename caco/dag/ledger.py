@@ -34,10 +34,11 @@ class LedgerError(CacoError, ValueError):
     """An unreadable ledger file (names it)."""
 
 
-def idempotency_key(run_dir: str | os.PathLike, epoch: int, node: str) -> str:
-    """Deterministic per (run, checkpoint epoch, node): the same after any restart."""
+def idempotency_key(run_dir: str | os.PathLike, epoch: int, node: str, round: int = 0) -> str:
+    """Deterministic per (run, checkpoint epoch, node, retry round): the same after any
+    restart, different for a deliberate retry (``dag.py retry``)."""
     digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
-    return f"caco-{digest}-e{epoch:04d}-{node}"
+    return f"caco-{digest}-e{epoch:04d}-{node}" + (f"-r{round}" if round else "")
 
 
 class EvalLedger:
@@ -93,9 +94,12 @@ class EvalLedger:
             key = self._id(epoch, node)
             if key in data["entries"]:
                 return None
+            round = sum(1 for h in data.get("history", []) if h["epoch"] == epoch
+                        and h["node"] == node)
             entry = {"epoch": epoch, "node": node, "checkpoint": str(checkpoint),
-                     "key": idempotency_key(self.run_dir, epoch, node), "job_id": None,
-                     "state": "SUBMITTING", "attempts": 0, "updated": time.time()}
+                     "key": idempotency_key(self.run_dir, epoch, node, round), "job_id": None,
+                     "state": "SUBMITTING", "attempts": 0, "round": round,
+                     "updated": time.time()}
             data["entries"][key] = entry
             return dict(entry)
 
@@ -106,6 +110,14 @@ class EvalLedger:
             entry = data["entries"][self._id(epoch, node)]
             entry.update(fields, updated=time.time())
             return dict(entry)
+
+    def reset(self, epoch: int, node: str) -> dict[str, Any] | None:
+        """Move a node's entry to the history so it can be claimed (and submitted) again."""
+        with self._locked() as data:
+            entry = data["entries"].pop(self._id(epoch, node), None)
+            if entry is not None:
+                data.setdefault("history", []).append(entry)
+            return entry
 
     def unconfirmed(self) -> list[dict[str, Any]]:
         """Nodes whose submission may or may not have happened (a crash in between)."""

@@ -34,6 +34,7 @@ from caco.errors import ConfigError
 log = logging.getLogger(__name__)
 
 EVAL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eval"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 _MILESTONE = re.compile(r"epoch_(\d{4,})\.pt$")
 
 
@@ -161,6 +162,9 @@ class DagScheduler:
         after = []
         for need in spec.needs:
             dep = self.ledger.get(epoch, need) or {}
+            state = dep.get("state")
+            if state == "COMPLETED" or (spec.dependency == "afterany" and state in FINAL):
+                continue  # satisfied already (and SLURM may have forgotten the job)
             after.append((spec.dependency, need, str(dep.get("job_id"))))
         job = self._job(spec, checkpoint, epoch, key)
         job_id = self.executor.submit(job, spec.resources, after)

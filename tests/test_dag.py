@@ -1,0 +1,131 @@
+"""The evaluation DAG on cluster=local: a real smoke pretraining whose milestones fan out into
+kNN, a cached linear probe, a node made to fail and the report, as separate processes, with a
+real MLflow store; then the run is relaunched (nothing submitted twice), inspected and retried
+with ``launch/dag.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from caco.dag.ledger import EvalLedger
+
+pytestmark = pytest.mark.slow
+
+
+def _pretrain(root: Path, missing: Path):
+    return run_cli(
+        "pretrain.py", "experiment=smoke", "dag=smoke", f"output_root={root}", "run_name=dag",
+        # A node whose data cannot be found: retried in-process, then reported as failed.
+        f"+dag.nodes.broken={{evaluator: knn, when: final, data: {{root: {missing}}}, "
+        "resources: {device: cpu, threads: 1}}",
+        "dag.nodes.report.needs=[knn,linear,broken]", timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dag")
+    missing = root / "fashion_mnist_copy"
+    proc = _pretrain(root, missing)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"root": root, "run_dir": root / "runs" / "dag", "missing": missing,
+            "out": proc.stdout + proc.stderr}
+
+
+def _entries(run_dir: Path) -> dict[tuple[int, str], dict]:
+    return {(e["epoch"], e["node"]): e for e in EvalLedger(run_dir).entries()}
+
+
+def test_every_milestone_fans_out_in_dependency_order(run):
+    entries = _entries(run["run_dir"])
+    assert sorted(entries) == [(1, "knn"), (1, "report"), (2, "broken"), (2, "knn"),
+                               (2, "linear"), (2, "report")]
+    for key, e in entries.items():
+        expected = "FAILED" if key[1] == "broken" else "COMPLETED"
+        assert e["state"] == expected, (key, e)
+        assert e["started"] >= e["submitted"]
+    for epoch in (1, 2):  # report ran after every other node of its checkpoint
+        others = [e["finished"] for (ep, n), e in entries.items() if ep == epoch and
+                  n != "report"]
+        assert entries[epoch, "report"]["started"] >= max(others)
+    assert entries[2, "knn"]["metrics"]["knn_top1"] > 10
+    assert entries[2, "linear"]["metrics"]["linear_cached_top1"] > 10
+    assert "comes from the DAG's knn node" in run["out"]
+
+
+def test_a_failing_node_is_retried_then_reported(run):
+    e = _entries(run["run_dir"])[2, "broken"]
+    assert e["attempts"] == 2 and "not found" in e["error"]  # dag.retries=1: two attempts
+    report = json.loads((run["run_dir"] / "evals" / "e0002" / "report.json").read_text())
+    assert report["failed"] == ["broken"]
+    assert {r["node"]: r["state"] for r in report["nodes"]} == {
+        "knn": "COMPLETED", "linear": "COMPLETED", "broken": "FAILED"}
+    log = (run["run_dir"] / "dag" / "logs" / "e0002-broken.log").read_text()
+    assert "attempt 1/2 failed" in log and "attempt 2/2 failed" in log
+
+
+def test_child_runs_and_parent_metrics_in_mlflow(run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run['root']}/mlflow.db")
+    parent_id = json.loads((run["run_dir"] / "tracking.json").read_text())["run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == ["e0001-knn", "e0001-report", "e0002-broken", "e0002-knn",
+                               "e0002-linear", "e0002-report"]
+    knn = by_name["e0002-knn"]
+    assert knn.data.tags["evaluator"] == "knn" and knn.data.tags["checkpoint_epoch"] == "2"
+    assert knn.data.tags["slurm_job_id"] == "none" and knn.data.params["knn.k"] == "20"
+    assert by_name["e0002-broken"].info.status == "FAILED"
+
+    def history(name):
+        return [(m.step, round(m.value, 4)) for m in client.get_metric_history(parent_id, name)]
+
+    # Once per checkpoint: the DAG's kNN replaced the trainer's own final kNN.
+    assert sorted(s for s, _ in history("eval/knn_top1")) == [1, 2]
+    assert [s for s, _ in history("eval/knn_top1_random_init")] == [2]
+    assert [s for s, _ in history("eval/linear_cached_top1")] == [2]
+    assert sorted(history("eval/dag_failed_nodes")) == [(1, 0.0), (2, 1.0)]
+
+
+def test_relaunch_submits_nothing_twice_and_status_shows_the_ledger(run):
+    before = _entries(run["run_dir"])
+    again = _pretrain(run["root"], run["missing"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    after = _entries(run["run_dir"])
+    assert {k: (e["job_id"], e["state"], e["submitted"]) for k, e in after.items()} == \
+        {k: (e["job_id"], e["state"], e["submitted"]) for k, e in before.items()}
+
+    status = run_cli("dag.py", "status", str(run["run_dir"]))
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].split() == ["epoch", "node", "state", "slurm", "job", "attempts", "result"]
+    assert any(line.split()[:3] == ["2", "broken", "FAILED"] for line in lines)
+    assert any(line.split()[:3] == ["2", "linear", "COMPLETED"] for line in lines)
+
+
+def test_retry_resubmits_the_failed_node_and_its_report(run):
+    from caco.data.fashion_mnist import resolve_root
+
+    os.symlink(resolve_root(), run["missing"])  # the data is back
+    proc = run_cli("dag.py", "retry", str(run["run_dir"]), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entries = _entries(run["run_dir"])
+    assert entries[2, "broken"]["state"] == "COMPLETED"
+    assert entries[2, "broken"]["key"].endswith("-r1")
+    assert entries[2, "knn"]["attempts"] == 1  # untouched
+    report = json.loads((run["run_dir"] / "evals" / "e0002" / "report.json").read_text())
+    assert report["failed"] == []
+
+
+def test_dag_status_of_a_non_run_is_one_message(tmp_path):
+    proc = run_cli("dag.py", "status", str(tmp_path))
+    assert proc.returncode == 2
+    assert "is not a pretraining run directory" in proc.stderr and "Traceback" not in proc.stderr
