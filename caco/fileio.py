@@ -35,3 +35,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *,
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename a finished temporary folder into place; if another process published the
+    same content first (concurrent first use), keep theirs and drop ours."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    if final.exists() and not any(final.iterdir()):
+        final.rmdir()
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ from caco.errors import CacoError
 
 log = logging.getLogger("evals")
 
-EVALUATORS = {"knn": "evals.knn", "linear": "evals.linear"}
+EVALUATORS = {"knn": "evals.knn", "linear": "evals.linear", "detection": "evals.detection"}
 
 
 def evaluate_main(cfg: DictConfig) -> dict:

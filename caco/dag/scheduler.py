@@ -124,6 +124,13 @@ class DagScheduler:
         settings = eval_settings(self.cfg, spec)
         if spec.evaluator == "knn" and epoch != int(self.cfg.epochs):
             settings["random_init_baseline"] = False  # once, next to the final checkpoint
+        if spec.evaluator == "detection" and not settings["data"].get("root") \
+                and settings["data"].get("format") == "generated":
+            # One generated detection set per output_root, shared by its runs.
+            from caco.data.detection import default_scenes_root
+
+            settings["data"]["root"] = default_scenes_root(self.cfg.output_root,
+                                                           settings["data"])
         return NodeJob(
             run_dir=str(self.run_dir), epoch=epoch, node=spec.name, evaluator=spec.evaluator,
             checkpoint=checkpoint, key=key, settings=settings, data=data,

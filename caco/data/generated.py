@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from caco.errors import ConfigError
+from caco.fileio import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,5 @@ def ensure_generated_folder(root: str | os.PathLike, *, train_per_class: int = 1
                 Image.fromarray(pixels).save(folder / f"{split}_{c}_{j:05d}.jpg", quality=quality)
     (tmp / _RECORD).write_text(json.dumps(settings))
     root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists():
-        root.rmdir()
-    os.replace(tmp, root)
+    publish_dir(tmp, root)
     return root
