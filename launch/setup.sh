@@ -2,7 +2,7 @@
 # Set up this machine for caco, idempotently:
 #   bash launch/setup.sh          system packages for the demo + the Python package
 #   bash launch/setup.sh --ffcv   + FFCV (data.loader=ffcv): its build libraries + the ffcv extra
-#   bash launch/setup.sh --dev    + what the test suite needs (pytest, ruff, FFCV)
+#   bash launch/setup.sh --dev    + what the test suite needs (pytest, ruff, FFCV, chromium)
 # System packages come from apt where it is available (root, or passwordless sudo); elsewhere
 # the demo falls back to torchvision's Fashion-MNIST download (see README).
 set -euo pipefail
@@ -20,6 +20,10 @@ done
 
 apt_packages=()
 [ -d /usr/share/datasets/fashion-mnist ] || apt_packages+=(dataset-fashion-mnist)
+if [ "$dev" = 1 ]; then
+  # The MLflow UI test renders pages in headless Chromium.
+  command -v chromium >/dev/null 2>&1 || apt_packages+=(chromium)
+fi
 if [ "$ffcv" = 1 ]; then
   # ffcv 1.0.2 builds from source against these and links them at run time.
   for pkg in pkg-config libopencv-dev libturbojpeg0-dev; do

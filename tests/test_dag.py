@@ -23,7 +23,8 @@ def _pretrain(root: Path, missing: Path):
         # A node whose data cannot be found: retried in-process, then reported as failed.
         f"+dag.nodes.broken={{evaluator: knn, when: final, data: {{root: {missing}}}, "
         "resources: {device: cpu, threads: 1}}",
-        "dag.nodes.report.needs=[knn,linear,broken]", timeout=900)
+        "dag.nodes.report.needs=[knn,linear,broken]", "eval.knn.random_init_baseline=true",
+        timeout=900)
 
 
 @pytest.fixture(scope="module")
