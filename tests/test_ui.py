@@ -55,7 +55,8 @@ def tracked_sweep(tmp_path_factory):
         proc = run_cli("pretrain.py", "-m", "experiment=smoke", "dag=smoke", "tracking=server",
                        f"tracking.uri={server.uri}", f"output_root={root}", "epochs=1",
                        "seed=0,1", "~dag.nodes.linear", "dag.nodes.report.needs=[knn]",
-                       "data.train_subset=128", timeout=900)
+                       "data.train_subset=128", "hydra.sweep.subdir=${hydra.job.num}_seed${seed}",
+                       timeout=900)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield {"server": server, "root": root}
     finally:
@@ -72,8 +73,8 @@ def test_runs_and_their_evaluation_metrics_render_in_the_mlflow_ui(tracked_sweep
     assert url.startswith(server.uri + "/#/compare-runs?runs=")
     experiment = json.loads(re.search(r"experiments=(\S+)", url).group(1)
                             .replace("%5B", "[").replace("%5D", "]").replace("%22", '"'))[0]
-    names = [line.split()[0] for line in lines[2:] if line.strip()]
-    assert len(names) == 2
+    names = [line.split()[0] for line in lines[2:] if line.strip()][:2]
+    assert sorted(names) == ["0_seed0", "1_seed1"]
 
     runs_page = render(f"{server.uri}/#/experiments/{experiment}/runs", "run_list")
     for name in names:
