@@ -95,3 +95,94 @@ def test_evaluate_bad_inputs(smoke_checkpoint, tmp_path):
     out = no_data.stdout + no_data.stderr
     assert no_data.returncode == 2 and "does not record its dataset" in out
     assert "Traceback" not in out
+
+
+DET = ("eval.detection.data.train=40", "eval.detection.data.val=16", "eval.detection.iterations=4",
+       "eval.detection.batch_size=4", "eval.detection.fpn_first_stage=2",
+       "eval.detection.anchor_sizes=[16,32,64,128]", "eval.detection.fpn_channels=16",
+       "eval.detection.representation_size=64", "eval.detection.threads=1")
+
+
+def test_detection_transfer_with_its_random_init_baseline(smoke_checkpoint, tmp_path):
+    ours, _ = smoke_checkpoint
+    proc = run_cli("evaluate.py", "eval=detection", f"checkpoint={ours}",
+                   f"output_root={tmp_path}", "device=cpu", *DET, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (metrics_file,) = tmp_path.glob("evals/detection/*/metrics.json")
+    m = json.loads(metrics_file.read_text())
+    for key in ("det_AP", "det_AP50", "det_AP75", "det_AP50_random_init"):
+        assert 0.0 <= m[key] <= 100.0, m
+    assert m["variant"] == "fpn" and "note_supervised" in m  # no ImageNet weights on disk
+    scenes = next(tmp_path.glob("data/det_scenes_*"))
+    coco = json.loads((scenes / "val" / "annotations.json").read_text())
+    assert len(coco["images"]) == 16 and len(coco["categories"]) == 10
+    for a in coco["annotations"]:  # boxes lie inside the 128 px canvas
+        x, y, w, h = a["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 128 and y + h <= 128 and w > 0 and h > 0
+
+
+def test_c4_head_uses_res5_as_the_box_head(smoke_checkpoint):
+    from omegaconf import OmegaConf
+
+    from evals.detection import build_detector
+
+    model, _ = model_from_checkpoint(smoke_checkpoint[0])
+    d = OmegaConf.load("configs/eval/detection.yaml").detection
+    d.variant, d.anchor_sizes = "c4", [16, 32, 64]
+    det = build_detector(model.encoder_q, d, 11, (0.5,) * 3, (0.25,) * 3)
+    assert det.roi_heads.box_head[0] is not model.encoder_q.layer4  # a copy...
+    torch.testing.assert_close(det.roi_heads.box_head[0][0].conv1.weight,
+                               model.encoder_q.layer4[0].conv1.weight)  # ...of res5
+    assert all(type(m) is torch.nn.BatchNorm2d for m in det.backbone.modules()
+               if "BatchNorm" in type(m).__name__)  # trainable BN, not FrozenBatchNorm2d
+    det.eval()
+    with torch.no_grad():
+        out = det([torch.rand(3, 64, 64)])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_voc_annotations_become_coco(tmp_path):
+    from caco.data.detection import CocoDetection, voc_to_coco
+
+    root = tmp_path / "VOC2007"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (50, 40), (120, 30, 30)).save(root / "JPEGImages" / "000001.jpg")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    (root / "Annotations" / "000001.xml").write_text(
+        "<annotation><size><width>50</width><height>40</height></size>"
+        "<object><name>dog</name><difficult>0</difficult><bndbox><xmin>5</xmin><ymin>6</ymin>"
+        "<xmax>20</xmax><ymax>30</ymax></bndbox></object></annotation>")
+    ds = CocoDetection(tmp_path, data=voc_to_coco([root], "test"))
+    image, target = ds[0]
+    assert image.shape == (3, 40, 50)
+    assert target["labels"].tolist() == [12]  # dog, 1-based
+    assert target["boxes"].tolist() == [[4.0, 5.0, 20.0, 30.0]]
+
+
+def test_detection_bad_inputs_are_one_message(smoke_checkpoint, tmp_path):
+    ours, _ = smoke_checkpoint
+    empty = tmp_path / "coco"
+    for split in ("train", "val"):
+        (empty / split / "images").mkdir(parents=True)
+        (empty / split / "annotations.json").write_text(json.dumps(
+            {"images": [], "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    cases = {
+        "eval.detection.data.format=coco eval.detection.data.root=/nonexistent/coco":
+            "/nonexistent/coco does not exist",
+        f"eval.detection.data.format=coco eval.detection.data.root={empty}": "has no images",
+        "eval.detection.variant=c5": "eval.detection.variant='c5'",
+    }
+    for overrides, message in cases.items():
+        proc = run_cli("evaluate.py", "eval=detection", f"checkpoint={ours}",
+                       f"output_root={tmp_path}", *DET, *overrides.split())
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and message in out and "Traceback" not in out, out
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    proc = run_cli("evaluate.py", "eval=detection", f"checkpoint={corrupt}",
+                   f"output_root={tmp_path}")
+    assert proc.returncode == 2 and "corrupt.pt" in proc.stdout + proc.stderr
