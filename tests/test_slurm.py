@@ -255,6 +255,7 @@ def test_usr2_preemption_and_plain_requeue_resume_to_identical_weights(sweep, tm
             entries = EvalLedger(run_dir).entries()
             assert sorted((e["epoch"], e["node"]) for e in entries) == [
                 (1, "knn"), (1, "report"), (2, "knn"), (2, "linear"), (2, "report")]
+            wait_for_jobs([str(e["job_id"]) for e in entries], 600, [run_dir / "dag"])
             for e in entries:
                 named = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-S",
                                         "2000-01-01", "--name", e["key"]],
