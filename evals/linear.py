@@ -138,41 +138,78 @@ def _evaluate_head(head: nn.Module, batches: Iterable) -> dict[str, float]:
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
 
 
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_reference_protocol(
     backbone: nn.Module, feature_dim: int, train_loader: Iterable, test_loader: Iterable, *,
     num_classes: int, epochs: int = 100, batch_size: int = 256, lr: float = 0.025,
     device: torch.device | str = "cpu", progress: bool = False,
 ) -> dict[str, float]:
-    """Augmented images through the frozen backbone (BN in eval mode) every epoch."""
+    """Augmented images through the frozen backbone (BN in eval mode) every epoch.
+
+    Under torch.distributed (one process per GPU) the classifier is DDP-wrapped, each rank
+    trains on its shard of ``train_loader`` (a DistributedSampler, reshuffled per epoch) and
+    tests its slice of ``test_loader``; the counts are summed over ranks. ``batch_size`` is
+    the global batch (the lr scales with it).
+    """
+    import torch.distributed as dist
+
+    rank, world = _world()
     device = torch.device(device)
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
+    torch.manual_seed(0)  # the same initial classifier on every rank
     head = make_classifier(feature_dim, num_classes).to(device)
     opt = make_optimizer(head, batch_size, lr)
+    model: nn.Module = head
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(head, device_ids=[device] if device.type == "cuda" else None)
     base = opt.param_groups[0]["lr"]
     epochs_iter: Iterable[int] = range(epochs)
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
         epochs_iter = tqdm(epochs_iter, desc="linear probe")
+    sampler = getattr(train_loader, "sampler", None)
     for epoch in epochs_iter:
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(base, epoch, epochs)
         for images, labels in train_loader:
             with torch.no_grad():
                 feats = backbone(images.to(device))
-            loss = F.cross_entropy(head(feats), labels.to(device))
+            loss = F.cross_entropy(model(feats), labels.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
 
     def test_batches():
         with torch.no_grad():
-            for images, labels in test_loader:
-                yield backbone(images.to(device)), labels.to(device)
+            for i, (images, labels) in enumerate(test_loader):
+                if i % world == rank:  # this rank's slice of the test set
+                    yield backbone(images.to(device)), labels.to(device)
 
-    return _evaluate_head(head, test_batches())
+    if world == 1:
+        return _evaluate_head(head, test_batches())
+    c1 = c5 = n = 0
+    with torch.no_grad():
+        for feats, labels in test_batches():
+            a1, a5 = accuracy(head(feats), labels.long())
+            c1, c5, n = c1 + a1, c5 + a5, n + len(labels)
+    counts = torch.tensor([c1, c5, n], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    c1, c5, n = counts.tolist()
+    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n}
 
 
 def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]:
@@ -196,7 +233,9 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
                                      device=device)
         name = "linear_cached"
     elif lin.protocol == "reference":
-        train = linear_train_loader(data, lin.batch_size, lin.train_subset)
+        rank, world = _world()
+        train = linear_train_loader(data, max(1, int(lin.batch_size) // world),
+                                    lin.train_subset, rank=rank, world=world)
         n = classes or len(train.dataset.classes)
         r = train_reference_protocol(backbone, e.model.feature_dim, train, test, num_classes=n,
                                      epochs=lin.epochs, batch_size=lin.batch_size, lr=lin.lr,

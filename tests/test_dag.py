@@ -130,3 +130,32 @@ def test_dag_status_of_a_non_run_is_one_message(tmp_path):
     proc = run_cli("dag.py", "status", str(tmp_path))
     assert proc.returncode == 2
     assert "is not a pretraining run directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_linear_probe_trains_with_ddp_across_the_nodes_processes(run, tmp_path):
+    """A node with tasks: 2 runs as two processes (torch.distributed.run locally, two SLURM
+    tasks on a cluster); the reference linear probe trains DDP, rank 0 alone records."""
+    from helpers import compose_pretrain
+    from omegaconf import OmegaConf
+
+    from caco.dag.executors import LocalExecutor
+    from caco.dag.node import NodeJob
+
+    ckpt = run["run_dir"] / "checkpoints" / "epoch_0002.pt"
+    data = OmegaConf.to_container(compose_pretrain("experiment=smoke").data, resolve=True)
+    entry = EvalLedger(tmp_path).claim(2, "linear", ckpt)
+    job = NodeJob(run_dir=str(tmp_path), epoch=2, node="linear", evaluator="linear",
+                  checkpoint=str(ckpt), key=entry["key"], data=data, device="cpu", threads=1,
+                  retries=0, tasks=2,
+                  settings={"protocol": "reference", "epochs": 2, "batch_size": 64,
+                            "lr": 0.025, "train_subset": 256, "test_subset": 128,
+                            "num_classes": None})
+    executor = LocalExecutor(tmp_path)
+    executor.submit(job, {}, [])
+    assert executor.wait(timeout=600)
+    e = EvalLedger(tmp_path).get(2, "linear")
+    log = (tmp_path / "dag" / "logs" / "e0002-linear.log").read_text()
+    assert e["state"] == "COMPLETED", log
+    assert e["metrics"]["processes"] == 2 and 0 <= e["metrics"]["linear_top1"] <= 100
+    assert "process group: rank 1 of 2 (gloo" in log and "process group: rank 0 of 2" in log
+    assert log.count("node linear (epoch 2) completed") == 1  # rank 0 alone records

@@ -99,8 +99,12 @@ class LocalExecutor:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
         log.info("evaluation %s of epoch %d running (log %s)", job.node, job.epoch, logfile)
+        launcher = [sys.executable]
+        if job.tasks > 1:  # one process per task, as the SLURM job would have
+            launcher += ["-m", "torch.distributed.run", "--standalone",
+                         f"--nproc_per_node={job.tasks}"]
         with open(logfile, "ab") as out:
-            proc = subprocess.run([sys.executable, "-m", "caco.dag.node", str(path)],
+            proc = subprocess.run([*launcher, "-m", "caco.dag.node", str(path)],
                                   stdout=out, stderr=subprocess.STDOUT, env=env,
                                   cwd=Path(__file__).resolve().parents[2])
         entry = ledger.get(job.epoch, job.node) or {}
@@ -142,7 +146,7 @@ class SlurmExecutor:
             "cpus_per_task": int(resources.get("cpus", 1)),
             "gpus_per_node": int(resources.get("gpus", 0)),
             "mem_gb": float(resources.get("mem_gb", 4)),
-            "tasks_per_node": 1, "nodes": 1,
+            "tasks_per_node": int(resources.get("tasks", 1)), "nodes": 1,
             "slurm_additional_parameters": extra,
         }
         if resources.get("partition"):

@@ -57,6 +57,7 @@ class NodeJob:
     retries: int = 2
     needs: list[str] = field(default_factory=list)
     tracking: dict[str, str] | None = None  # uri, experiment_id, parent_run_id
+    tasks: int = 1  # processes (one per GPU); the linear probe trains with DDP across them
 
     @property
     def out_dir(self) -> Path:
@@ -143,8 +144,42 @@ class _ChildRun:
             log.warning("MLflow results not logged (%s: %s)", type(e).__name__, e)
 
 
+def _process_group(job: NodeJob) -> tuple[int, int]:
+    """(rank, world) of this node's processes; a process group when there are several."""
+    from omegaconf import OmegaConf
+
+    from caco.distributed import init_distributed
+
+    return init_distributed(OmegaConf.create(
+        {"cluster": {"backend": "auto", "dist_timeout_s": 900}, "device": job.device}))
+
+
+def _follow(job: NodeJob) -> None:
+    """A non-zero rank: the same attempts as rank 0 (collectives must match), no records."""
+    for _ in range(max(1, int(job.retries) + 1)):
+        try:
+            _evaluate(job)
+            return
+        except Exception as e:
+            log.warning("rank attempt failed: %s", e)
+
+
 def run_node(job: NodeJob) -> dict[str, Any]:
     """Run one node with bounded in-process retries; raises when every attempt failed."""
+    import torch.distributed as dist
+
+    rank, world = _process_group(job)
+    try:
+        if rank != 0:
+            _follow(job)
+            return {}
+        return _run_and_record(job, world)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_and_record(job: NodeJob, world: int) -> dict[str, Any]:
     ledger = EvalLedger(job.run_dir)
     where = _slurm_job_id()
     ledger.update(job.epoch, job.node, state="RUNNING", host=socket.gethostname(),
@@ -165,7 +200,7 @@ def run_node(job: NodeJob) -> dict[str, Any]:
             if not isinstance(e, CacoError):
                 log.debug("%s", traceback.format_exc())
             continue
-        metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2)}
+        metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2), "processes": world}
         result = {"node": job.node, "evaluator": job.evaluator, "epoch": job.epoch,
                   "checkpoint": job.checkpoint, "attempts": attempt, **metrics}
         atomic_write_text(job.out_dir / "metrics.json", json.dumps(result, indent=1))

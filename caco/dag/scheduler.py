@@ -136,7 +136,8 @@ class DagScheduler:
             checkpoint=checkpoint, key=key, settings=settings, data=data,
             device=str(spec.resources.get("device", "auto")),
             threads=int(spec.resources.get("threads", 0) or 0), retries=self.retries,
-            needs=list(spec.needs), tracking=self._tracking())
+            needs=list(spec.needs), tracking=self._tracking(),
+            tasks=int(spec.resources.get("tasks", 1) or 1))
 
     def schedule(self, checkpoint: str, epoch: int, written: float | None = None) -> list[dict]:
         """Submit the checkpoint's nodes that the ledger does not hold yet."""

@@ -207,9 +207,13 @@ def build_eval_loader(data: DictConfig, split: str, batch_size: int,
 
 
 def linear_train_loader(data: DictConfig, batch_size: int, subset: int | None = None,
-                        seed: int = 0):
-    """RandomResizedCrop + flip + normalise: the linear probe's training view."""
+                        seed: int = 0, rank: int = 0, world: int = 1):
+    """RandomResizedCrop + flip + normalise: the linear probe's training view; with
+    ``world`` > 1 this rank's shard (``sampler.set_epoch`` reshuffles)."""
     if loader_kind(data) == "ffcv":
+        if world > 1:
+            raise ConfigError("the distributed linear probe reads images with data.loader=torch;"
+                              " set it on the linear node (dag.nodes.linear.data.loader=torch)")
         from caco.data.ffcv_loader import FFCVEvalLoader
 
         return FFCVEvalLoader(data, "train", batch_size, subset=subset, train_augment=True,
@@ -221,5 +225,11 @@ def linear_train_loader(data: DictConfig, batch_size: int, subset: int | None = 
         T.Normalize(tuple(data.mean), tuple(data.std)),
     ])
     ds = labelled_split(data, "train", transform=transform, subset=subset)
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=False,
+                          num_workers=int(data.num_workers))
     return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=False,
                       num_workers=int(data.num_workers))
