@@ -103,20 +103,14 @@ def build_view_transform(
     return T.Compose(steps)
 
 
-class GeometricViews:
-    """PIL image -> one uint8 CHW tensor per view: random-resized-crop + flip (the host stage)."""
+class _ViewPipelines:
+    """PIL image -> one tensor per :class:`ViewAug`, each through its own pipeline."""
 
-    def __init__(self, views: Sequence[ViewAug]) -> None:
-        from torchvision import transforms as T
-
+    def __init__(self, views: Sequence[ViewAug], build) -> None:
         if len(views) < 2:
             raise ValueError(f"CaCo needs at least two views, got {len(views)}")
         self.views = list(views)
-        self.transforms = [
-            T.Compose([T.RandomResizedCrop(v.size, scale=v.scale),
-                       T.RandomHorizontalFlip(p=v.flip_p), T.PILToTensor()])
-            for v in self.views
-        ]
+        self.transforms = [build(v) for v in self.views]
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         if img.mode != "RGB":
@@ -127,7 +121,21 @@ class GeometricViews:
         return f"{type(self).__name__}({len(self.views)} views: {self.views})"
 
 
-class MultiViewAugment:
+def _geometric_transform(aug: ViewAug):
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(aug.size, scale=aug.scale),
+                      T.RandomHorizontalFlip(p=aug.flip_p), T.PILToTensor()])
+
+
+class GeometricViews(_ViewPipelines):
+    """PIL image -> one uint8 CHW tensor per view: random-resized-crop + flip (the host stage)."""
+
+    def __init__(self, views: Sequence[ViewAug]) -> None:
+        super().__init__(views, _geometric_transform)
+
+
+class MultiViewAugment(_ViewPipelines):
     """PIL image -> list of augmented views, one per :class:`ViewAug` (two-view or multi-crop)."""
 
     def __init__(
@@ -136,15 +144,4 @@ class MultiViewAugment:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        if len(views) < 2:
-            raise ValueError(f"CaCo needs at least two views, got {len(views)}")
-        self.views = list(views)
-        self.transforms = [build_view_transform(v, mean, std) for v in self.views]
-
-    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return [t(img) for t in self.transforms]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({len(self.views)} views: {self.views})"
+        super().__init__(views, lambda v: build_view_transform(v, mean, std))
