@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import subprocess
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from caco.dag.ledger import EvalLedger
 from caco.dag.node import NodeJob
+from caco.dag.worker import Worker
 from caco.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,51 +38,24 @@ class LocalExecutor:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._worker = Worker(lambda item: self._run(*item), "caco-dag-local")
 
     def submit(self, job: NodeJob, resources: Mapping[str, Any],
                after: Sequence[Dependency]) -> str:
         path = self.run_dir / "dag" / "jobs" / f"e{job.epoch:04d}-{job.node}.json"
         atomic_write_text(path, job.to_json())
-        self._queue.put((job, path, list(after)))
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="caco-dag-local",
-                                                daemon=True)
-                self._thread.start()
+        self._worker.put((job, path, list(after)))
         return f"local-e{job.epoch:04d}-{job.node}"
 
     def lookup(self, key: str) -> str | None:
         return None  # local node processes end with the process that ran them
 
     def pending(self) -> int:
-        return self._queue.unfinished_tasks
+        return self._worker.pending()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted node has run; False if ``timeout`` passed first."""
-        done = threading.Event()
-
-        def join() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=join, daemon=True).start()
-        return done.wait(timeout)
-
-    def _work(self) -> None:
-        while True:
-            try:
-                job, path, after = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                return
-            try:
-                self._run(job, path, after)
-            except Exception:  # a scheduler bug must not kill training either
-                log.exception("local evaluation node %s failed to run", job.node)
-            finally:
-                self._queue.task_done()
+        return self._worker.join(timeout)
 
     def _run(self, job: NodeJob, path: Path, after: Sequence[Dependency]) -> None:
         ledger = EvalLedger(job.run_dir)

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from caco.dag.ledger import EvalLedger
 from caco.dag.node import NodeJob
 from caco.dag.plan import NodeSpec, parse_dag, plan_checkpoint
+from caco.dag.worker import Worker
 from caco.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,8 +78,7 @@ class DagScheduler:
         self.ledger = EvalLedger(self.run_dir)
         self.executor = executor or make_executor(cfg, self.run_dir)
         self.retries = int(cfg.dag.get("retries", 2))
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(self._handle, "caco-dag")
         self._caught_up = False
         self.latencies: list[float] = []  # checkpoint written -> all its nodes submitted
         self.hook_seconds = 0.0  # time the training thread spent in this hook
@@ -88,26 +86,17 @@ class DagScheduler:
     # ------------------------------------------------------------------ the hook
     def __call__(self, checkpoint: str | Path, epoch: int) -> None:
         t0 = time.perf_counter()
-        self._queue.put((str(checkpoint), int(epoch), time.time()))
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._work, name="caco-dag", daemon=True)
-            self._thread.start()
+        self._worker.put((str(checkpoint), int(epoch), time.time()))
         self.hook_seconds += time.perf_counter() - t0
 
-    def _work(self) -> None:
-        while True:
-            try:
-                checkpoint, epoch, written = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                return
-            try:
-                if not self._caught_up:
-                    self.catch_up()
-                self.schedule(checkpoint, epoch, written)
-            except Exception:
-                log.exception("evaluation DAG of epoch %d not scheduled", epoch)
-            finally:
-                self._queue.task_done()
+    def _handle(self, item: tuple[str, int, float]) -> None:
+        checkpoint, epoch, written = item
+        try:
+            if not self._caught_up:
+                self.catch_up()
+            self.schedule(checkpoint, epoch, written)
+        except Exception:
+            log.exception("evaluation DAG of epoch %d not scheduled", epoch)
 
     # ------------------------------------------------------------------ scheduling
     def _tracking(self) -> dict[str, str] | None:
@@ -191,7 +180,7 @@ class DagScheduler:
     # ------------------------------------------------------------------ end of training
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
         """Drain the submission queue; with a local executor, wait for its evaluations."""
-        self._queue.join()
+        self._worker.join()
         if not self._caught_up:
             self.catch_up()
         log.info("evaluation DAG: %s", self.summary())
