@@ -62,21 +62,19 @@ def pretrain_main(cfg: DictConfig) -> dict:
     """Entry of ``launch/pretrain.py`` in every process of a job.
 
     Sets up torch.distributed when the job has several tasks, turns SIGUSR2 into a
-    checkpoint-and-requeue inside SLURM jobs, and makes user-facing errors exit with status 2
-    and one message.
+    checkpoint-and-requeue inside SLURM jobs, makes user-facing errors exit with status 2 and
+    one message, and any other error fail the job with its traceback in the log (or, when a
+    peer rank vanished, requeue it: :mod:`caco.job_failure`).
     """
-    from caco.distributed import (
-        PreemptionGuard,
-        in_submitit_job,
-        init_distributed,
-        shutdown_distributed,
-    )
+    from caco.distributed import PreemptionGuard, in_submitit_job, init_distributed
 
     run_dir = _run_dir()
     finalize_config(cfg, run_dir)
     try:
+        from caco.preflight import check_pretrain
         from caco.train import Pretrainer
 
+        check_pretrain(cfg)
         init_distributed(cfg)
         guard = PreemptionGuard() if in_submitit_job() else None
         stop = {"should_stop": guard.should_stop} if guard is not None else {}
@@ -91,12 +89,50 @@ def pretrain_main(cfg: DictConfig) -> dict:
         if summary["status"] == "stopped" and guard is not None:
             guard.hand_over()
     except CacoError as e:
+        from caco.job_failure import record_own_failure
+
+        record_own_failure(run_dir, e)
         log.error("%s", user_message(e))
         sys.exit(2)
+    except Exception as e:
+        _fail(cfg, run_dir, e)
+        raise
     finally:
-        shutdown_distributed()
+        _shutdown_quietly()
     log.info("run directory: %s", summary["run_dir"])
     return summary
+
+
+def _fail(cfg: DictConfig, run_dir: Path, error: Exception) -> None:
+    """An uncaught error: requeue when a peer vanished (returns only when it did not),
+    otherwise record it for the other ranks and log its traceback (job log, pretrain.log)."""
+    import torch.distributed as dist
+
+    from caco import job_failure as jf
+
+    if dist.is_available() and dist.is_initialized() and jf.is_lost_peer(error):
+        peers = jf.peer_failures(run_dir)
+        if peers:
+            p = peers[0]
+            log.error("rank %s on %s failed with %s: %s (its traceback is in its log); this "
+                      "rank stops too", p["rank"], p["host"], p["type"], p["message"])
+            return
+        max_requeues = int(cfg.cluster.get("max_num_timeout", 0) or 0)
+        if jf.requeue_after_lost_peer(run_dir, max_requeues):
+            sys.exit(jf.EXIT_REQUEUED)
+    jf.record_own_failure(run_dir, error)
+    log.exception("pretraining failed: %s: %s", type(error).__name__, error)
+
+
+def _shutdown_quietly() -> None:
+    """Leave the process group; after a failed collective that may fail too, and must not
+    hide the error that matters."""
+    import contextlib
+
+    from caco.distributed import shutdown_distributed
+
+    with contextlib.suppress(Exception):
+        shutdown_distributed()
 
 
 def prepare_data_main(cfg: DictConfig) -> list:

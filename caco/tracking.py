@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from caco.fileio import atomic_write_text
 
@@ -44,6 +45,75 @@ def resolve_uri(uri: str | None, output_root: str | os.PathLike) -> str:
     if "://" not in uri:
         return f"sqlite:///{Path(uri).resolve()}"
     return uri
+
+
+def redact(uri: str | None) -> str:
+    """``uri`` without any ``user:password@`` part (for logs, params and tags)."""
+    if not uri:
+        return str(uri)
+    parts = urlsplit(str(uri))
+    if not (parts.username or parts.password):
+        return str(uri)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+CREDENTIALS_HINT = (
+    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment of the "
+    "launch and the jobs, or write them to a file only you can read (chmod 600) with the lines "
+    "`username=<user>` and `password=<password>` and pass tracking.credentials_file=<path>")
+
+
+def check_settings(t: Mapping[str, Any]) -> None:
+    """Refuse tracking settings that would leak or cannot work (before anything runs)."""
+    from caco.errors import ConfigError
+
+    if not t.get("enabled", True):
+        return
+    uri = t.get("uri")
+    if uri and "://" in str(uri) and (urlsplit(str(uri)).username
+                                      or urlsplit(str(uri)).password):
+        raise ConfigError(f"tracking.uri={redact(uri)} carries credentials (user:password@), "
+                          "which would end up in logs, params and saved configs; remove them "
+                          f"from the URI and {CREDENTIALS_HINT}")
+    if t.get("credentials_file"):
+        read_credentials(t.get("credentials_file"))
+
+
+def read_credentials(path: str | os.PathLike) -> tuple[str, str]:
+    """``(username, password)`` from a 0600 file of ``username=`` / ``password=`` lines."""
+    import stat
+
+    from caco.errors import ConfigError
+
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"tracking.credentials_file={path} does not exist; {CREDENTIALS_HINT}")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"tracking.credentials_file={path} can be read by others (mode "
+                          f"{mode:o}); make it private: chmod 600 {path}")
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in ("username", "password"):
+            values[key.strip()] = value.strip()
+    if set(values) != {"username", "password"}:
+        raise ConfigError(f"tracking.credentials_file={path} needs the lines username=<user> "
+                          "and password=<password>")
+    return values["username"], values["password"]
+
+
+def use_credentials(t: Mapping[str, Any]) -> None:
+    """Give MLflow the credentials of ``tracking.credentials_file`` (this process and the
+    processes it starts), never through the URI."""
+    cf = t.get("credentials_file") if t is not None else None
+    if cf:
+        user, password = read_credentials(cf)
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
 
 
 def _configure_http(retries: int, timeout: int) -> None:

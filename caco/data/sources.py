@@ -58,6 +58,39 @@ def ensure_generated(data: DictConfig) -> None:
                             val_per_class=g.val_per_class, size=g.size, seed=g.get("seed", 0))
 
 
+def check_available(data: DictConfig) -> None:
+    """Cheap checks of what the training split needs, with the messages a run would give
+    (no image is opened): the root is set and holds the split folder or idx files."""
+    kind = data.kind
+    if kind not in KINDS:
+        raise ConfigError(f"data.kind={kind!r} is not supported; choose one of {list(KINDS)}")
+    if kind == "fashion_mnist":
+        if data.get("root"):
+            from caco.data.fashion_mnist import resolve_root
+
+            try:
+                resolve_root(data.root, download=False)
+            except FileNotFoundError as e:
+                raise DataError(str(e)) from None
+        return
+    if data.get("generate"):
+        if data.get("root") is None:
+            raise ConfigError("data.root is not set: generated data needs a folder to be "
+                              "written to")
+        return
+    if data.get("root") is None:
+        raise DataError(_NO_ROOT)
+    folder = Path(str(data.root)).expanduser() / str(data.get("train_dir", "train"))
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} does not exist (data.root must hold train/ "
+                        "and val/)")
+
+
+_NO_ROOT = ("data.root is not set: point it at an ImageNet-style folder with train/ and val/ "
+            "(python launch/pretrain.py data.root=/path/to/imagenet), or try the embedded "
+            "demo: python launch/pretrain.py experiment=demo")
+
+
 def labelled_split(data: DictConfig, split: str, transform=None, subset: int | None = None):
     """The ``split`` ('train' or 'val') of the dataset described by the ``data`` config."""
     kind = data.kind
@@ -79,11 +112,7 @@ def labelled_split(data: DictConfig, split: str, transform=None, subset: int | N
     if data.get("generate"):
         ensure_generated(data)
     if data.root is None:
-        raise DataError(
-            "data.root is not set: point it at an ImageNet-style folder with train/ and val/ "
-            "(python launch/pretrain.py data.root=/path/to/imagenet), or try the embedded "
-            "demo: python launch/pretrain.py experiment=demo"
-        )
+        raise DataError(_NO_ROOT)
     folder = Path(str(data.root)).expanduser() / str(data.get(f"{split}_dir", split))
     ds = _imagefolder(folder, transform)
     idx = _subset_indices(len(ds), subset)
