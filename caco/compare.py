@@ -21,9 +21,9 @@ COLUMNS = ("eval/knn_top1", "eval/knn_top1_random_init", "eval/linear_top1",
 def pretraining_runs(uri: str, experiment: str, *, sweep: str | None = None,
                      filter_string: str = "") -> tuple[str, list]:
     """``(experiment_id, runs)``: the experiment's parent runs, newest first."""
-    from caco.tracking import _client
+    from caco.tracking import client as tracking_client
 
-    client = _client(uri)
+    client = tracking_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"no MLflow experiment {experiment!r} at {uri}; pass --experiment or "

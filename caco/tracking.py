@@ -1,14 +1,23 @@
-"""MLflow tracking that never loses data and never stops training.
+"""MLflow tracking that never loses data and never stops training or evaluation.
 
 - One database (``sqlite:///<output_root>/mlflow.db`` unless ``tracking.uri`` names a server)
   and one experiment per project, created ONCE by :func:`prepare_experiment` in the launching
-  process; every run then passes the experiment id explicitly (``set_experiment`` races).
-- :class:`Tracker` talks to MLflow through ``MlflowClient`` with explicit run ids (no fluent
-  global state, no ``MLFLOW_RUN_ID``). When the backend fails, each record is appended to
-  ``<run_dir>/tracking-pending.jsonl`` and replayed, in order and with its original
-  timestamp, at the next successful call, or by ``python launch/sync_tracking.py <run_dir>``.
-- ``<run_dir>/tracking.json`` holds (uri, experiment id, run id) from the moment the run is
-  created, so a job killed before its first checkpoint resumes the same run.
+  process; runs pass the experiment id explicitly (``set_experiment`` races). Credentials
+  never sit in the URI: :func:`check_settings` refuses ``user:password@`` and
+  :func:`use_credentials` reads ``tracking.credentials_file`` into MLflow's environment.
+- Every writer (the trainer, each evaluation node) is a :class:`Tracker` with its own state
+  file and its own journal (:mod:`caco.journal`): ``<run_dir>/tracking.json`` +
+  ``tracking-pending.jsonl`` for the trainer, ``evals/e<epoch>/<node>/tracking/<key>.json`` +
+  ``<key>.pending.jsonl`` for a node (its child run, and its ``eval/*`` metrics on the
+  parent). When the backend is unreachable or the sqlite file is locked, every record, the
+  run's creation included, goes to the journal; it is delivered in order when the backend
+  answers, by the writer itself or by ``python launch/sync_tracking.py <run_dir>``.
+- Exactly once: a record is marked (``attempts``) before it is sent and removed after; one
+  whose send had an unknown outcome is looked up before it is sent again (a run by its
+  ``caco.writer_id`` tag, metrics by step/timestamp/value), and a resent metric carries its
+  timestamp plus the attempt number, so a duplicate would be a visible second row.
+- ``tracking.json`` exists from the first moment (the run id is filled in when the run is
+  created), so a job killed or requeued at any point resumes the same run.
 
 ``mlflow`` is imported lazily (2-3 s, ~170 MB).
 """
@@ -21,6 +30,7 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +41,9 @@ from caco.fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 PENDING_FILE = "tracking-pending.jsonl"
+REJECTED_FILE = "tracking-rejected.jsonl"
 RUN_FILE = "tracking.json"
+WRITER_TAG = "caco.writer_id"  # which writer created a run: finds it again after a crash
 _MAX_PARAM_LEN = 6000
 
 
@@ -116,14 +128,15 @@ def use_credentials(t: Mapping[str, Any]) -> None:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = password
 
 
-def _configure_http(retries: int, timeout: int) -> None:
+def configure_http(retries: int, timeout: int) -> None:
     # MLflow's defaults retry an unreachable server for minutes; training must not wait.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # an int for MLflow
 
 
-def _client(uri: str):
+def client(uri: str):
+    """An ``MlflowClient`` for ``uri`` (mlflow is imported here, lazily)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -133,17 +146,17 @@ def prepare_experiment(uri: str, name: str, artifact_root: str | os.PathLike | N
     """Create the database and the experiment if needed; return the experiment id."""
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    exp = client.get_experiment_by_name(name)
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if artifact_root is not None and not uri.startswith("http"):
         location = Path(artifact_root).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location)
     except Exception:  # lost a creation race: the winner's experiment is the one to use
-        exp = client.get_experiment_by_name(name)
+        exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -171,15 +184,30 @@ def git_commit() -> str:
 
 
 class Tracker:
-    """Rank-0 tracking of one pretraining run (create or resume), buffered on failure."""
+    """One writer's MLflow run, created or resumed, and (for an evaluation node) metrics on
+    its parent run. Nothing here raises on a backend failure: every record (the run's
+    creation included) goes to this writer's journal and is delivered, in order and exactly
+    once, when the backend answers again (see the module docstring).
 
-    def __init__(self, uri: str, experiment_id: str, run_dir: str | os.PathLike, *,
+    ``state_file`` (``tracking.json`` for a pretraining run) records the writer's id, and the
+    run id once the run exists; ``parent_state`` is the parent writer's state file.
+    """
+
+    def __init__(self, uri: str, experiment_id: str | None, run_dir: str | os.PathLike, *,
+                 experiment: str | None = None, artifact_root: str | None = None,
+                 state_file: str = RUN_FILE, pending_file: str = PENDING_FILE,
+                 parent_state: str | os.PathLike | None = None,
                  http_retries: int = 1, http_timeout: int = 10,
                  retry_interval_s: float = 30.0) -> None:
-        _configure_http(http_retries, http_timeout)
-        self.uri, self.experiment_id = uri, experiment_id
+        from caco.journal import Journal
+
+        configure_http(http_retries, http_timeout)
+        self.uri, self.experiment_id, self.experiment = uri, experiment_id, experiment
+        self.artifact_root = artifact_root
         self.run_dir = Path(run_dir)
-        self.run_id: str | None = None
+        self.state_path = self.run_dir / state_file
+        self.journal = Journal(self.run_dir / pending_file)
+        self.parent_state = Path(parent_state) if parent_state else None
         self.retry_interval_s = retry_interval_s
         self._client = None
         self._outage = False
@@ -188,139 +216,223 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            self._client = _client(self.uri)
+            self._client = client(self.uri)
         return self._client
 
     @property
     def pending_path(self) -> Path:
-        return self.run_dir / PENDING_FILE
+        return self.journal.path
+
+    def _state(self) -> dict[str, Any]:
+        return _read_json(self.state_path) or {}
+
+    def _save_state(self, **fields: Any) -> None:
+        state = {**self._state(), **fields}
+        atomic_write_text(self.state_path, json.dumps(state))
+
+    @property
+    def run_id(self) -> str | None:
+        return self._state().get("run_id")
+
+    @run_id.setter
+    def run_id(self, value: str | None) -> None:  # sync() of an old run directory
+        self._save_state(run_id=value)
 
     # -- run lifecycle -------------------------------------------------------------------
     def start(self, *, run_id: str | None = None, run_name: str | None = None,
-              tags: Mapping[str, str] | None = None) -> str:
-        """Resume ``run_id`` or create a run; record it in ``tracking.json`` at once."""
-        if run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                         tags=dict(tags or {}))
-            run_id = run.info.run_id
-        else:
-            self._send("status", {"status": "RUNNING"}, run_id=run_id)
-        self.run_id = run_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / RUN_FILE, json.dumps(
-            {"uri": self.uri, "experiment_id": self.experiment_id, "run_id": run_id}))
-        self.flush()
-        return run_id
+              tags: Mapping[str, str] | None = None, nested: bool = False) -> str | None:
+        """Resume this writer's run (or ``run_id``), or create one; returns the run id (None
+        while the creation waits in the journal)."""
+        state = self._state()
+        if state.get("run_id") or state.get("writer_id") or run_id:
+            if run_id and not state.get("run_id"):
+                self._save_state(uri=self.uri, experiment_id=self.experiment_id, run_id=run_id)
+            self._send("status", {"status": "RUNNING"})
+            return self.run_id
+        writer_id = uuid.uuid4().hex
+        self._save_state(uri=self.uri, experiment_id=self.experiment_id,
+                         experiment=self.experiment, artifact_root=self.artifact_root,
+                         run_id=None, writer_id=writer_id)
+        self._send("create", {"run_name": run_name, "nested": nested,
+                              "tags": {**dict(tags or {}), WRITER_TAG: writer_id}})
+        return self.run_id
 
     def end(self, status: str = "FINISHED") -> None:
         self._send("status", {"status": status})
+        self.flush()
 
     # -- records -------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._send("params", {"params": {k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()}})
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, *,
+                    parent: bool = False) -> None:
         ts = int(time.time() * 1000)
         self._send("metrics", {"metrics": {k: float(v) for k, v in metrics.items()},
-                               "step": int(step), "timestamp": ts})
+                               "step": int(step), "timestamp": ts},
+                   run="parent" if parent else "self")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._send("tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self._send("artifact", {"path": str(Path(path).resolve())})
 
     # -- delivery ------------------------------------------------------------------------
-    def _apply(self, kind: str, payload: dict, run_id: str) -> None:
+    def _send(self, kind: str, payload: dict, run: str = "self") -> None:
+        record = {"kind": kind, "run": run, **payload}
+        if self._outage and time.monotonic() - self._last_failure < self.retry_interval_s:
+            self.journal.append(record)  # during an outage every try costs a timeout
+            return
+        if self.pending_path.exists() and not self.flush():
+            self.journal.append(record)
+            return
+        run_id = self._resolve(run)
+        if run_id is None and kind != "create":
+            self.journal.append(record)
+            return
+        try:
+            self._apply(record, run_id)
+        except Exception as e:
+            if _is_rejection(e):
+                self._reject(record, e)
+                return
+            self._note_outage(e)
+            # The backend may have applied it before failing: replay checks first.
+            self.journal.append({**record, "attempts": 1})
+
+    def _resolve(self, run: str) -> str | None:
+        if run == "parent":
+            return (_read_json(self.parent_state) or {}).get("run_id") \
+                if self.parent_state else None
+        return self.run_id
+
+    def _experiment_id(self) -> str:
+        if not self.experiment_id:
+            state = self._state()
+            self.experiment_id = state.get("experiment_id") or prepare_experiment(
+                self.uri, state.get("experiment") or self.experiment or "caco",
+                state.get("artifact_root") or self.artifact_root)
+            self._save_state(experiment_id=self.experiment_id)
+        return self.experiment_id
+
+    def _apply(self, record: dict, run_id: str | None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        c = self.client
-        if kind == "metrics":
-            ms = [Metric(k, v, payload["timestamp"], payload["step"])
-                  for k, v in payload["metrics"].items()]
+        c, kind = self.client, record["kind"]
+        offset = max(0, int(record.get("attempts", 1)) - 1)  # a resend is its own row
+        if kind == "create":
+            tags = dict(record["tags"])
+            if record.get("nested"):
+                parent = self._resolve("parent")
+                if parent is None:
+                    raise _Waiting("the parent run does not exist yet")
+                tags["mlflow.parentRunId"] = parent
+            run = c.create_run(self._experiment_id(), run_name=record.get("run_name"),
+                               tags=tags)
+            self._save_state(run_id=run.info.run_id)
+        elif kind == "metrics":
+            ms = [Metric(k, v, record["timestamp"] + offset, record["step"])
+                  for k, v in record["metrics"].items()]
             c.log_batch(run_id, metrics=ms, synchronous=True)
         elif kind == "params":
-            items = list(payload["params"].items())
+            items = list(record["params"].items())
             for i in range(0, len(items), 100):
                 c.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]],
                             synchronous=True)
         elif kind == "tags":
-            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload["tags"].items()],
+            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()],
                         synchronous=True)
         elif kind == "artifact":
-            c.log_artifact(run_id, payload["path"])
+            c.log_artifact(run_id, record["path"])
         elif kind == "status":
-            status = payload["status"]
-            if status == "RUNNING":
+            if record["status"] == "RUNNING":
                 c.update_run(run_id, status="RUNNING")
             else:
-                c.set_terminated(run_id, status=status)
+                c.set_terminated(run_id, status=record["status"])
         else:
             raise ValueError(f"unknown tracking record {kind!r}")
 
-    def _send(self, kind: str, payload: dict, run_id: str | None = None) -> None:
-        run_id = run_id or self.run_id
-        record = {"kind": kind, "run_id": run_id, **payload}
-        if self._outage and time.monotonic() - self._last_failure < self.retry_interval_s:
-            # During an outage every attempt costs a timeout: retry only now and then.
-            self._buffer(record)
-            return
-        if self.pending_path.exists() and not self.flush():
-            self._buffer(record)
-            return
-        try:
-            self._apply(kind, payload, run_id)
-        except Exception as e:  # any backend failure: keep the record, keep training
-            if _is_rejection(e):
-                self._reject(json.dumps(record), e)
-                return
-            self._note_outage(e)
-            self._buffer(record)
+    def _applied_before(self, record: dict, run_id: str | None) -> bool:
+        """Whether a record whose earlier send had an unknown outcome reached the backend
+        (only creations and metrics matter: the rest is idempotent)."""
+        kind, c = record["kind"], self.client
+        if kind == "create":
+            writer = record["tags"][WRITER_TAG]
+            found = c.search_runs([self._experiment_id()],
+                                  f"tags.`{WRITER_TAG}` = '{writer}'", max_results=1)
+            if found:
+                self._save_state(run_id=found[0].info.run_id)
+            return bool(found)
+        if kind == "metrics" and run_id:
+            sent = range(record["timestamp"], record["timestamp"] + int(record["attempts"]))
+            for key, value in record["metrics"].items():
+                rows = c.get_metric_history(run_id, key)
+                if any(m.step == record["step"] and m.timestamp in sent and m.value == value
+                       for m in rows):
+                    return True
+        return False
 
     def _note_outage(self, error: Exception) -> None:
         self._last_failure = time.monotonic()
         if not self._outage:
             log.warning(
                 "tracking backend %s unavailable (%s: %s); buffering to %s and retrying later",
-                self.uri, type(error).__name__, str(error).splitlines()[0][:200] if str(error)
-                else "", self.pending_path)
+                redact(self.uri), type(error).__name__,
+                str(error).splitlines()[0][:200] if str(error) else "", self.pending_path)
         self._outage = True
 
-    def _buffer(self, record: dict) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.pending_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
     def flush(self) -> bool:
-        """Replay buffered records in order; True when nothing is left pending."""
-        path = self.pending_path
-        if not path.exists():
+        """Deliver the journal in order; True when nothing is left pending."""
+        if not self.pending_path.exists():
             return True
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        for done, line in enumerate(lines):
-            record = json.loads(line)
-            kind, run_id = record.pop("kind"), record.pop("run_id")
-            try:
-                self._apply(kind, record, run_id)
-            except Exception as e:
-                if _is_rejection(e):
-                    self._reject(line, e)
-                    continue
-                self._note_outage(e)
-                atomic_write_text(path, "".join(line + "\n" for line in lines[done:]))
-                return False
-        path.unlink()
-        if self._outage:
-            log.info("tracking backend %s is back; %d buffered records sent", self.uri, len(lines))
+        with self.journal.delivery() as mine:
+            if not mine:
+                return False  # another process (sync_tracking.py) is delivering
+            sent = 0
+            while True:
+                records = self.journal.records()
+                if not records:
+                    break
+                record = records[0]
+                run_id = record.get("run_id") or self._resolve(record.get("run", "self"))
+                if run_id is None and record["kind"] != "create":
+                    return False  # its run does not exist yet (the parent's journal first)
+                try:
+                    if record.get("attempts") and self._applied_before(record, run_id):
+                        self.journal.remove([record["seq"]])
+                        continue
+                    record = {**record, "attempts": int(record.get("attempts", 0)) + 1}
+                    self.journal.update([record])  # written before it is sent
+                    self._apply(record, run_id)
+                except _Waiting:
+                    return False
+                except Exception as e:
+                    if _is_rejection(e):
+                        self._reject(record, e)
+                        self.journal.remove([record["seq"]])
+                        continue
+                    self._note_outage(e)
+                    return False
+                self.journal.remove([record["seq"]])
+                sent += 1
+        if self._outage and sent:
+            log.info("tracking backend %s is back; %d buffered records sent", redact(self.uri),
+                     sent)
         self._outage = False
         return True
 
-    def _reject(self, line: str, error: Exception) -> None:
+    def _reject(self, record: dict, error: Exception) -> None:
         # The backend answered and refused this record: retrying cannot help, and keeping it
         # at the head of the queue would block every later record. Keep it aside instead.
-        rejected = self.run_dir / "tracking-rejected.jsonl"
+        rejected = self.pending_path.with_name(REJECTED_FILE)
         log.error("tracking refused a record (%s); kept in %s", error, rejected)
         with open(rejected, "a") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(record) + "\n")
+
+
+class _Waiting(Exception):
+    """A record that cannot be sent before another writer's record (its parent run)."""
 
 
 _REJECTION_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS",
@@ -331,21 +443,55 @@ def _is_rejection(error: Exception) -> bool:
     return getattr(error, "error_code", None) in _REJECTION_CODES
 
 
+def is_auth_error(error: BaseException) -> bool:
+    """The backend answered and refused our credentials (HTTP 401/403)."""
+    if getattr(error, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return True
+    text = str(error)
+    return "error code 401" in text or "error code 403" in text
+
+
+def _read_json(path: Path | None) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def read_run_file(run_dir: str | os.PathLike) -> dict | None:
-    path = Path(run_dir) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    """A pretraining run's ``tracking.json``: uri, experiment, run id (None until created)."""
+    return _read_json(Path(run_dir) / RUN_FILE)
+
+
+def node_writers(run_dir: str | os.PathLike) -> list[tuple[Path, str, str]]:
+    """Every evaluation node writer of a run: (folder, state file, pending file)."""
+    out = []
+    for state in sorted(Path(run_dir).glob("evals/e*/*/tracking/*.json")):
+        out.append((state.parent, state.name, state.name[:-len(".json")] + ".pending.jsonl"))
+    return out
 
 
 def sync(run_dir: str | os.PathLike) -> int:
-    """Send a run directory's buffered records; returns how many remain pending."""
+    """Send a run directory's buffered records (the trainer's first, then every evaluation
+    node's); returns how many remain pending."""
     info = read_run_file(run_dir)
     if info is None:
         raise FileNotFoundError(f"{Path(run_dir) / RUN_FILE} not found: not a pretraining run dir")
-    tracker = Tracker(info["uri"], info["experiment_id"], run_dir)
-    tracker.run_id = info["run_id"]
-    tracker.flush()
-    path = tracker.pending_path
-    return sum(1 for _ in open(path)) if path.exists() else 0
+    trainer = Tracker(info["uri"], info.get("experiment_id"), run_dir,
+                      experiment=info.get("experiment"),
+                      artifact_root=info.get("artifact_root"), retry_interval_s=0)
+    writers = [trainer] + [
+        Tracker(info["uri"], info.get("experiment_id"), folder, state_file=state,
+                pending_file=pending, parent_state=Path(run_dir) / RUN_FILE,
+                experiment=info.get("experiment"), retry_interval_s=0)
+        for folder, state, pending in node_writers(run_dir)]
+    left = 0
+    for writer in writers:
+        writer.flush()
+        left += len(writer.journal) if writer.pending_path.exists() else 0
+    return left
 
 
 def default_tags(extra: Mapping[str, Any] | None = None) -> dict[str, str]:

@@ -207,21 +207,29 @@ class Pretrainer:
         from caco import tracking
 
         t = self.cfg.tracking
+        tracking.use_credentials(t)
         uri = tracking.resolve_uri(t.uri, self.cfg.output_root)
-        exp_id = tracking.prepare_experiment(uri, t.experiment,
-                                             Path(self.cfg.output_root) / "mlartifacts")
-        self.tracker = tracking.Tracker(uri, exp_id, self.run_dir, http_retries=t.http_retries,
+        artifacts = str(Path(self.cfg.output_root) / "mlartifacts")
+        tracking.configure_http(t.http_retries, t.http_timeout)
+        try:
+            exp_id = tracking.prepare_experiment(uri, t.experiment, artifacts)
+        except Exception as e:  # training goes on; the run is created when the backend is back
+            log.warning("tracking backend %s unavailable at start (%s: %s); training goes on "
+                        "and every record is buffered in %s", tracking.redact(uri),
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                        self.run_dir / tracking.PENDING_FILE)
+            exp_id = None
+        self.tracker = tracking.Tracker(uri, exp_id, self.run_dir, experiment=t.experiment,
+                                        artifact_root=artifacts, http_retries=t.http_retries,
                                         http_timeout=t.http_timeout,
                                         retry_interval_s=t.retry_interval_s)
-        previous = tracking.read_run_file(self.run_dir)
-        run_id = (ckpt or {}).get("mlflow_run_id") or (previous or {}).get("run_id")
-        fresh = run_id is None
-        self.tracker.start(run_id=run_id, run_name=self.run_dir.name,
+        saved_id = (ckpt or {}).get("mlflow_run_id")
+        fresh = saved_id is None and tracking.read_run_file(self.run_dir) is None
+        self.tracker.start(run_id=saved_id, run_name=self.run_dir.name,
                            tags=tracking.default_tags(self._run_tags()))
         if fresh:
             self.tracker.log_params(tracking.flatten(self._resolved_config()))
-            config_file = self.run_dir / "config.yaml"
-            self.tracker.log_artifact(config_file)
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
 
     def _run_tags(self) -> dict:
         tags = {"run_dir": str(self.run_dir)}

@@ -8,7 +8,11 @@ instant leaves the previous or the new ledger, never a torn one.
 A node is marked ``SUBMITTING`` with its idempotency key BEFORE the executor is called; a
 crash between the submission and the ``SUBMITTED`` write leaves that mark behind, and the
 scheduler then looks the key up in the cluster's accounting (the key is the job's name)
-instead of submitting again.
+instead of submitting again. Whoever claims, submits and records a node (the trainer's
+scheduler, ``dag.py retry``) holds :meth:`EvalLedger.submission_lock` for those three steps,
+so a SUBMITTING entry seen under that lock belongs to a submitter that died. An update that
+names a key (a node job reporting back) is refused once the entry carries another key (the
+node was resubmitted since): :class:`StaleKey`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,45 @@ from typing import Any
 
 from caco.errors import CacoError
 from caco.fileio import atomic_write_text
+from caco.job_states import LEDGER_STATES
 
 LEDGER_FILE = "eval_ledger.json"
-STATES = ("SUBMITTING", "SUBMITTED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+STATES = LEDGER_STATES
 
 
 class LedgerError(CacoError, ValueError):
     """An unreadable ledger file (names it)."""
+
+
+class StaleKey(LedgerError):
+    """An update from a job whose node was resubmitted under another key since."""
+
+
+def check_locks_work(folder: str | os.PathLike) -> None:
+    """Refuse a filesystem whose file locks are missing or not enforced (some NFS/Lustre
+    mounts): the ledger and the run lease depend on them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".lock-probe-{os.getpid()}"
+    try:
+        with open(probe, "a") as a, open(probe, "a") as b:
+            try:
+                fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise LedgerError(
+                    f"file locks do not work on {folder} ({e}); the run directory must be on a "
+                    "filesystem with working locks (mount NFS with locking, not `nolock`/"
+                    "`local_lock`), or choose another output_root") from None
+            try:
+                fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # the second lock was refused: locks are enforced
+            raise LedgerError(
+                f"file locks are not enforced on {folder} (a second exclusive lock was "
+                "granted); the run directory needs a filesystem with working locks, or "
+                "choose another output_root")
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def idempotency_key(run_dir: str | os.PathLike, epoch: int, node: str, round: int = 0) -> str:
@@ -46,6 +82,18 @@ class EvalLedger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LEDGER_FILE
         self._lock_path = self.run_dir / f".{LEDGER_FILE}.lock"
+        self._submit_lock_path = self.run_dir / f".{LEDGER_FILE}.submit.lock"
+
+    @contextlib.contextmanager
+    def submission_lock(self) -> Iterator[None]:
+        """Held from claiming a node to recording its submission (across processes)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._submit_lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
@@ -103,11 +151,18 @@ class EvalLedger:
             data["entries"][key] = entry
             return dict(entry)
 
-    def update(self, epoch: int, node: str, **fields: Any) -> dict[str, Any]:
+    def update(self, epoch: int, node: str, *, key: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+        """Change a node's entry; with ``key``, only while the entry still carries it."""
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"unknown ledger state {fields['state']!r}; one of {STATES}")
         with self._locked() as data:
-            entry = data["entries"][self._id(epoch, node)]
+            entry = data["entries"].get(self._id(epoch, node))
+            if key is not None and (entry is None or entry.get("key") != key):
+                now = entry.get("key") if entry else "no entry"
+                raise StaleKey(f"evaluation {node} of epoch {epoch} was resubmitted since "
+                               f"this job started (its key is now {now}, this job's {key}); "
+                               "this job's results are not recorded")
             entry.update(fields, updated=time.time())
             return dict(entry)
 
@@ -118,7 +173,3 @@ class EvalLedger:
             if entry is not None:
                 data.setdefault("history", []).append(entry)
             return entry
-
-    def unconfirmed(self) -> list[dict[str, Any]]:
-        """Nodes whose submission may or may not have happened (a crash in between)."""
-        return [e for e in self.entries() if e["state"] == "SUBMITTING"]

@@ -5,26 +5,31 @@ The node marks itself RUNNING in the ledger, runs its evaluator (``evals.<evalua
 function of checkpoint + config) with up to ``retries`` attempts in-process, writes
 ``<run_dir>/evals/e<epoch>/<node>/metrics.json`` atomically, records COMPLETED or FAILED, and
 tracks the result in MLflow: a child run nested under the pretraining run (parent id passed
-explicitly), and the headline numbers on the parent as ``eval/<metric>`` with step = epoch,
-through ``MlflowClient.log_metric`` (the parent is never re-opened: that would flip its status
-while it is still training).
+explicitly), and the headline numbers on the parent as ``eval/<metric>`` with step = epoch
+(metrics only: the parent is never re-opened, that would flip its status while it trains).
+Tracking goes through the node's own buffered writer, so an outage delays it, never loses it.
+
+Every ledger write carries the node's key: a job superseded by ``dag.py retry`` records
+nothing. SIGTERM (the local executor stopping it on Ctrl-C, or its trainer dying) ends the
+node CANCELLED (interrupted) and its child run KILLED; the next launch runs it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caco.dag.ledger import EvalLedger
+from caco.dag.ledger import EvalLedger, StaleKey
 from caco.errors import CacoError
 from caco.fileio import atomic_write_text
 
@@ -56,7 +61,7 @@ class NodeJob:
     threads: int = 0
     retries: int = 2
     needs: list[str] = field(default_factory=list)
-    tracking: dict[str, str] | None = None  # uri, experiment_id, parent_run_id
+    tracking: dict[str, Any] | None = None  # uri, experiment(_id), parent_state, ...
     tasks: int = 1  # processes (one per GPU); the linear probe trains with DDP across them
 
     @property
@@ -92,56 +97,45 @@ def _evaluate(job: NodeJob) -> dict[str, Any]:
     return module.evaluate(job.checkpoint, cfg)
 
 
-class _ChildRun:
-    """The node's MLflow child run; tracking failures are logged, never fatal."""
+def _child_tracker(job: NodeJob):
+    """The node's MLflow child run (a buffered writer of its own, see caco.tracking)."""
+    t = job.tracking
+    if not t or not (t.get("parent_state") or t.get("parent_run_id")):
+        return None
+    from caco import tracking
 
-    def __init__(self, job: NodeJob) -> None:
-        self.job, self.run_id, self.client = job, None, None
-        t = job.tracking
-        if not t or not t.get("parent_run_id"):
-            return
-        try:
-            from caco.tracking import _client, default_tags
+    tracking.use_credentials(t)
+    folder = job.out_dir / "tracking"
+    state = f"{job.key}.json"
+    fresh = not (folder / state).exists()
+    tracker = tracking.Tracker(
+        t["uri"], t.get("experiment_id"), folder, experiment=t.get("experiment"),
+        artifact_root=t.get("artifact_root"), state_file=state,
+        pending_file=f"{job.key}.pending.jsonl", parent_state=t.get("parent_state"),
+        http_retries=int(t.get("http_retries", 1)), http_timeout=int(t.get("http_timeout", 10)),
+        retry_interval_s=float(t.get("retry_interval_s", 30)))
+    tags = tracking.default_tags({
+        "evaluator": job.evaluator, "node": job.node, "checkpoint_epoch": job.epoch,
+        "checkpoint": job.checkpoint, "slurm_job_id": _slurm_job_id() or "none",
+        "idempotency_key": job.key})
+    tracker.start(run_name=f"e{job.epoch:04d}-{job.node}", tags=tags, nested=True)
+    if fresh:
+        params = {f"{job.evaluator}.{k}": str(v)[:500] for k, v in job.settings.items()}
+        params["checkpoint_epoch"] = str(job.epoch)
+        tracker.log_params(params)
+    return tracker
 
-            self.client = _client(t["uri"])
-            tags = default_tags({
-                "mlflow.parentRunId": t["parent_run_id"], "evaluator": job.evaluator,
-                "node": job.node, "checkpoint_epoch": job.epoch, "checkpoint": job.checkpoint,
-                "slurm_job_id": _slurm_job_id() or "none", "idempotency_key": job.key})
-            run = self.client.create_run(t["experiment_id"], tags=tags,
-                                         run_name=f"e{job.epoch:04d}-{job.node}")
-            self.run_id = run.info.run_id
-            params = {f"{job.evaluator}.{k}": str(v)[:500] for k, v in job.settings.items()}
-            params["checkpoint_epoch"] = str(job.epoch)
-            from mlflow.entities import Param
 
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
-                                  synchronous=True)
-        except Exception as e:  # tracking must not decide whether an evaluation runs
-            log.warning("MLflow child run not created (%s: %s)", type(e).__name__, e)
-            self.client = None
-
-    def finish(self, metrics: dict[str, Any], ok: bool) -> None:
-        if self.client is None or self.run_id is None:
-            return
-        job = self.job
-        try:
-            numbers = {k: float(v) for k, v in metrics.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool)}
-            ts = int(time.time() * 1000)
-            from mlflow.entities import Metric
-
-            if numbers:
-                self.client.log_batch(self.run_id, metrics=[
-                    Metric(k, v, ts, job.epoch) for k, v in numbers.items()], synchronous=True)
-            parent = job.tracking["parent_run_id"]
-            for name in HEADLINE.get(job.evaluator, ()):
-                if name in numbers:
-                    self.client.log_metric(parent, f"eval/{name}", numbers[name], timestamp=ts,
-                                           step=job.epoch)
-            self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
-        except Exception as e:
-            log.warning("MLflow results not logged (%s: %s)", type(e).__name__, e)
+def _finish_child(tracker, job: NodeJob, metrics: dict[str, Any], status: str) -> None:
+    if tracker is None:
+        return
+    numbers = _numbers(metrics)
+    if numbers:
+        tracker.log_metrics(numbers, job.epoch)
+    headline = {f"eval/{k}": numbers[k] for k in HEADLINE.get(job.evaluator, ()) if k in numbers}
+    if headline:
+        tracker.log_metrics(headline, job.epoch, parent=True)
+    tracker.end(status)
 
 
 def _process_group(job: NodeJob) -> tuple[int, int]:
@@ -182,38 +176,78 @@ def run_node(job: NodeJob) -> dict[str, Any]:
 def _run_and_record(job: NodeJob, world: int) -> dict[str, Any]:
     ledger = EvalLedger(job.run_dir)
     where = _slurm_job_id()
-    ledger.update(job.epoch, job.node, state="RUNNING", host=socket.gethostname(),
-                  started=time.time(), **({"job_id": where} if where else {}))
-    child = _ChildRun(job)
+    # key=: a job whose node was resubmitted since (dag.py retry) must not write over it.
+    ledger.update(job.epoch, job.node, key=job.key, state="RUNNING",
+                  host=socket.gethostname(), started=time.time(),
+                  **({"job_id": where} if where else {}))
+    child = _child_tracker(job)
+    try:
+        return _attempts(job, world, ledger, child)
+    except (KeyboardInterrupt, SystemExit, Interrupted):
+        _finish_child(child, job, {}, "KILLED")
+        with contextlib.suppress(Exception):
+            ledger.update(job.epoch, job.node, key=job.key, state="CANCELLED",
+                          error="interrupted before it finished; relaunch the run or "
+                          "`dag.py retry` runs it again", interrupted=True,
+                          finished=time.time())
+        raise
+
+
+def _attempts(job: NodeJob, world: int, ledger: EvalLedger, child) -> dict[str, Any]:
     attempts = max(1, int(job.retries) + 1)
     errors: list[str] = []
     for attempt in range(1, attempts + 1):
-        ledger.update(job.epoch, job.node, attempts=attempt)
+        ledger.update(job.epoch, job.node, key=job.key, attempts=attempt)
         t0 = time.perf_counter()
         try:
             metrics = _evaluate(job)
         except Exception as e:
             message = str(e) if isinstance(e, CacoError) else f"{type(e).__name__}: {e}"
             errors.append(message)
+            # A bug shows its traceback in the node's log; a CacoError is its own message.
             log.error("node %s (epoch %d) attempt %d/%d failed: %s", job.node, job.epoch,
-                      attempt, attempts, message)
-            if not isinstance(e, CacoError):
-                log.debug("%s", traceback.format_exc())
+                      attempt, attempts, message, exc_info=not isinstance(e, CacoError))
             continue
         metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2), "processes": world}
         result = {"node": job.node, "evaluator": job.evaluator, "epoch": job.epoch,
                   "checkpoint": job.checkpoint, "attempts": attempt, **metrics}
         atomic_write_text(job.out_dir / "metrics.json", json.dumps(result, indent=1))
-        child.finish(metrics, ok=True)
-        ledger.update(job.epoch, job.node, state="COMPLETED", metrics=_numbers(metrics),
-                      child_run_id=child.run_id, error=None, finished=time.time())
+        _finish_child(child, job, metrics, "FINISHED")
+        ledger.update(job.epoch, job.node, key=job.key, state="COMPLETED",
+                      metrics=_numbers(metrics), child_run_id=child.run_id if child else None,
+                      error=None, finished=time.time())
         log.info("node %s (epoch %d) completed: %s", job.node, job.epoch, _numbers(metrics))
         return result
-    child.finish({}, ok=False)
-    ledger.update(job.epoch, job.node, state="FAILED", error=errors[-1],
-                  child_run_id=child.run_id, finished=time.time())
+    _finish_child(child, job, {}, "FAILED")
+    ledger.update(job.epoch, job.node, key=job.key, state="FAILED", error=errors[-1],
+                  child_run_id=child.run_id if child else None, finished=time.time())
     raise NodeFailed(f"node {job.node} (epoch {job.epoch}) failed {attempts} time(s): "
                      f"{errors[-1]}")
+
+
+class Interrupted(BaseException):
+    """SIGTERM: the process that started this node stops it (Ctrl-C, or it died)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted()
+
+
+def _die_with_parent() -> None:
+    """A local node ends when the process that started it ends (the trainer's kill -9 or OOM
+    must not leave evaluations running that nobody waits for): SIGTERM on its death."""
+    parent = os.environ.get("CACO_PARENT_PID")
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        raise Interrupted()  # it is gone already
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
@@ -231,7 +265,11 @@ class NodeRunner:
     def __call__(self, job: NodeJob) -> dict[str, Any]:
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-        return run_node(job)
+        try:
+            return run_node(job)
+        except Exception:
+            log.exception("evaluation node %s (epoch %d) failed", job.node, job.epoch)
+            raise
 
     def checkpoint(self, job: NodeJob):
         import submitit
@@ -245,11 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     job = NodeJob.from_json(Path(argv[0]).read_text())
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        _die_with_parent()
         run_node(job)
-    except NodeFailed as e:
+    except (NodeFailed, StaleKey) as e:
         log.error("%s", e)
         return 1
+    except Interrupted:
+        log.warning("node %s (epoch %d) interrupted; recorded CANCELLED", job.node, job.epoch)
+        return 143
     return 0
 
 

@@ -8,14 +8,21 @@ killed anywhere in between is recognised on restart:
 
 - a node already in the ledger is never submitted again;
 - a SUBMITTING node (crash between claim and record) is looked up by its key in the cluster
-  (``executor.lookup``) and only submitted if it is not there;
+  (``executor.lookup``) and only submitted if it is not there (and not while SLURM cannot be
+  asked);
 - milestone checkpoints on disk without ledger entries (crash before the hook ran) are
-  scheduled on the next call or at ``close``.
+  scheduled on the next call or at ``close``;
+- local evaluations that were queued or running when an earlier trainer was interrupted
+  (Ctrl-C, kill -9, OOM) and whose process is gone run again.
+
+Claim, submit and record happen under the ledger's submission lock, so ``dag.py retry`` and
+the scheduler never submit the same node twice. A submission SLURM refuses is recorded FAILED
+with SLURM's words; the checkpoint's other nodes are still submitted (those that need it
+``afterok`` are recorded CANCELLED; ``report`` runs and lists it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -29,11 +36,12 @@ from caco.dag.node import NodeJob
 from caco.dag.plan import NodeSpec, parse_dag, plan_checkpoint
 from caco.dag.worker import Worker
 from caco.errors import ConfigError
+from caco.job_states import FINAL
+from caco.processes import alive, identity
 
 log = logging.getLogger(__name__)
 
 EVAL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eval"
-FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 _MILESTONE = re.compile(r"epoch_(\d{4,})\.pt$")
 
 
@@ -56,9 +64,29 @@ def make_executor(cfg: DictConfig, run_dir: Path):
 
     name = str(cfg.cluster.get("name", "local"))
     if name == "slurm":
+        # Evaluation jobs go where the pretraining job went (partition, account, qos, ...)
+        # unless the DAG or the node says otherwise.
+        extra = {**dict(cfg.cluster.get("additional_parameters") or {}),
+                 **dict(cfg.dag.get("additional_parameters") or {})}
         return SlurmExecutor(run_dir, max_num_timeout=int(cfg.dag.get("max_num_timeout", 3)),
-                             additional_parameters=cfg.dag.get("additional_parameters") or {})
+                             additional_parameters=extra,
+                             partition=cfg.cluster.get("partition"))
     return LocalExecutor(run_dir)
+
+
+def local_node_gone(entry: dict[str, Any]) -> bool:
+    """A local evaluation that was queued or running and whose process is gone: an earlier
+    trainer was interrupted (its queue died with it), or the node process itself died."""
+    if entry.get("backend") != "local":
+        return False
+    state = entry.get("state")
+    if state == "CANCELLED":
+        return bool(entry.get("interrupted"))
+    if state not in ("SUBMITTED", "RUNNING"):
+        return False
+    if entry.get("process"):  # it was started: is its process still there?
+        return alive(entry["process"]) is False
+    return alive(entry.get("owner")) is False  # queued: is the queue's process there?
 
 
 class DagScheduler:
@@ -99,13 +127,22 @@ class DagScheduler:
             log.exception("evaluation DAG of epoch %d not scheduled", epoch)
 
     # ------------------------------------------------------------------ scheduling
-    def _tracking(self) -> dict[str, str] | None:
-        path = self.run_dir / "tracking.json"
-        if not path.exists():
-            return None
-        info = json.loads(path.read_text())
-        return {"uri": info["uri"], "experiment_id": info["experiment_id"],
-                "parent_run_id": info["run_id"]}
+    def _tracking(self) -> dict[str, Any] | None:
+        """What a node needs to track its child run under this run (no credentials: the
+        node reads tracking.credentials_file itself)."""
+        from caco.tracking import RUN_FILE, read_run_file
+
+        info = read_run_file(self.run_dir)
+        if info is None:
+            return None  # tracking disabled for this run
+        t = self.cfg.get("tracking") or {}
+        return {"uri": info["uri"], "experiment": info.get("experiment") or t.get("experiment"),
+                "experiment_id": info.get("experiment_id"),
+                "artifact_root": info.get("artifact_root"),
+                "parent_state": str(self.run_dir / RUN_FILE),
+                "credentials_file": t.get("credentials_file"),
+                "http_retries": t.get("http_retries", 1), "http_timeout": t.get("http_timeout", 10),
+                "retry_interval_s": t.get("retry_interval_s", 30)}
 
     def _job(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> NodeJob:
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
@@ -130,47 +167,95 @@ class DagScheduler:
 
     def schedule(self, checkpoint: str, epoch: int, written: float | None = None) -> list[dict]:
         """Submit the checkpoint's nodes that the ledger does not hold yet."""
+        from caco.dag.executors import LookupUnavailable
+
         written = written or time.time()
         plan = plan_checkpoint(self.specs, epoch, int(self.cfg.epochs), is_milestone=True)
         done = []
         for spec in plan:
-            entry = self.ledger.claim(epoch, spec.name, checkpoint)
-            if entry is None:
-                entry = self.ledger.get(epoch, spec.name)
-                if entry["state"] != "SUBMITTING":
-                    continue  # submitted before: never twice
-                found = self.executor.lookup(entry["key"])
-                if found is not None:
-                    self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=found,
-                                       backend=self.executor.kind)
-                    log.info("evaluation %s of epoch %d was already submitted as job %s",
-                             spec.name, epoch, found)
-                    continue
-            done.append(self._submit(spec, checkpoint, epoch, entry["key"]))
-        if done:
+            with self.ledger.submission_lock():
+                entry = self.ledger.claim(epoch, spec.name, checkpoint)
+                if entry is None:
+                    entry = self.ledger.get(epoch, spec.name)
+                    if entry["state"] != "SUBMITTING":
+                        continue  # submitted before: never twice
+                    try:
+                        found = self.executor.lookup(entry["key"])
+                    except LookupUnavailable as e:
+                        log.warning("evaluation %s of epoch %d may have been submitted; SLURM "
+                                    "cannot be asked now (%s): left for `dag.py retry`",
+                                    spec.name, epoch, e)
+                        continue
+                    if found is not None:
+                        self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=found,
+                                           backend=self.executor.kind)
+                        log.info("evaluation %s of epoch %d was already submitted as job %s",
+                                 spec.name, epoch, found)
+                        continue
+                done.append(self._submit(spec, checkpoint, epoch, entry["key"]))
+        submitted = [e for e in done if e["state"] == "SUBMITTED"]
+        if submitted:
             latency = time.time() - written
             self.latencies.append(latency)
             log.info("epoch %d: %d evaluation job(s) submitted %.2f s after the checkpoint "
-                     "(%s)", epoch, len(done), latency,
-                     ", ".join(f"{e['node']}={e['job_id']}" for e in done))
+                     "(%s)", epoch, len(submitted), latency,
+                     ", ".join(f"{e['node']}={e['job_id']}" for e in submitted))
         return done
 
     def _submit(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> dict:
+        from caco.sbatch import SubmissionRefused
+
         after = []
         for need in spec.needs:
             dep = self.ledger.get(epoch, need) or {}
             state = dep.get("state")
             if state == "COMPLETED" or (spec.dependency == "afterany" and state in FINAL):
                 continue  # satisfied already (and SLURM may have forgotten the job)
+            if spec.dependency == "afterok" and state in FINAL:
+                return self._record_failure(spec, epoch, "CANCELLED",
+                                            f"dependency {need} ended {state}")
+            if not dep.get("job_id"):
+                if spec.dependency == "afterany":
+                    continue  # never submitted: nothing to wait for
+                return self._record_failure(spec, epoch, "CANCELLED",
+                                            f"dependency {need} was never submitted")
             after.append((spec.dependency, need, str(dep.get("job_id"))))
         job = self._job(spec, checkpoint, epoch, key)
-        job_id = self.executor.submit(job, spec.resources, after)
+        try:
+            job_id = self.executor.submit(job, spec.resources, after)
+        except SubmissionRefused as e:
+            return self._record_failure(spec, epoch, "FAILED", str(e))
+        except Exception as e:  # e.g. the job cannot be pickled: a state, not a lost node
+            log.exception("evaluation %s of epoch %d not submitted", spec.name, epoch)
+            return self._record_failure(spec, epoch, "FAILED",
+                                        f"not submitted: {type(e).__name__}: {e}")
         return self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=job_id,
-                                  backend=self.executor.kind, submitted=time.time())
+                                  backend=self.executor.kind, submitted=time.time(),
+                                  owner=identity())
+
+    def _record_failure(self, spec: NodeSpec, epoch: int, state: str, error: str) -> dict:
+        log.error("evaluation %s of epoch %d %s: %s", spec.name, epoch,
+                  "not submitted" if state == "FAILED" else "cancelled", error)
+        return self.ledger.update(epoch, spec.name, state=state, error=error,
+                                  backend=self.executor.kind, submitted=time.time(),
+                                  finished=time.time())
+
+    def recover_local(self) -> list[dict]:
+        """Move local evaluations whose process is gone back to the queue (new key)."""
+        gone = [e for e in self.ledger.entries() if local_node_gone(e)]
+        for e in gone:
+            log.warning("evaluation %s of epoch %d was %s when its process went away; "
+                        "running it again", e["node"], e["epoch"],
+                        "interrupted" if e["state"] == "CANCELLED" else e["state"].lower())
+            self.ledger.reset(e["epoch"], e["node"])
+        return gone
 
     def catch_up(self) -> None:
-        """Schedule milestone checkpoints on disk that the ledger has not seen (or only half)."""
+        """Schedule milestone checkpoints on disk that the ledger has not seen (or only half),
+        and local evaluations an interrupted trainer left behind."""
         self._caught_up = True
+        if self.executor.kind == "local":
+            self.recover_local()
         ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*.pt"))
         for path in ckpts:
             m = _MILESTONE.search(path.name)
@@ -181,14 +266,17 @@ class DagScheduler:
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
         """Drain the submission queue; with a local executor, wait for its evaluations."""
         self._worker.join()
-        if not self._caught_up:
-            self.catch_up()
+        self.catch_up()  # also whatever a failed hand-off left unclaimed
         log.info("evaluation DAG: %s", self.summary())
         pending = self.executor.pending()
         if wait and pending:
             log.info("waiting for %d local evaluation job(s) to finish", pending)
             if not self.executor.wait(timeout):
                 log.warning("local evaluations still running after %.0f s", timeout)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop local evaluations cleanly (recorded CANCELLED, run again later)."""
+        self.executor.interrupt()
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies
