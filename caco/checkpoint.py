@@ -19,8 +19,10 @@ from typing import Any
 import torch
 
 from caco.errors import CacoError
-from caco.fileio import atomic_write
+from caco.fileio import atomic_write, fsync_dir
 from caco.model import CaCo
+
+PROGRESS_FILE = "progress.json"
 
 
 class CheckpointError(CacoError, ValueError):
@@ -131,8 +133,42 @@ def save_atomic(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(dict(state), f), binary=True)
 
 
+def save_last(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """``last.pt`` (atomically), then the run's ``progress.json``: epoch and step, for tools
+    that must not load a checkpoint to say how far a run got (``dag.py status``)."""
+    import json
+    import time
+
+    path = save_atomic(state, path)
+    atomic_write(path.parent.parent / PROGRESS_FILE, lambda f: f.write(json.dumps(
+        {"epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"]),
+         "epochs": int((state.get("config") or {}).get("epochs") or 0),
+         "time": time.time()})))
+    return path
+
+
+def progress(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """How far a run got: ``{'epoch', 'step_in_epoch', 'epochs', 'time'}`` of its last.pt."""
+    import json
+
+    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
+    try:
+        return json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    if not ckpt.exists():
+        return None
+    try:  # a run from before the sidecar: mapped, so no tensor is read
+        data = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return {"epoch": data.get("epoch"), "step_in_epoch": data.get("step_in_epoch"),
+            "epochs": (data.get("config") or {}).get("epochs"), "time": ckpt.stat().st_mtime}
+
+
 def link_or_copy(src: Path, dst: Path) -> Path:
-    """Publish ``src`` under a second name atomically (hard link if possible)."""
+    """Publish ``src`` under a second name atomically (hard link if possible), then fsync
+    the folder so the new name survives a crash."""
     import shutil
 
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
@@ -143,7 +179,13 @@ def link_or_copy(src: Path, dst: Path) -> Path:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    fsync_dir(dst.parent)
     return dst
+
+
+def publish_milestone(last: Path, epoch: int) -> Path:
+    """``checkpoints/last.pt`` of a completed milestone epoch -> ``epoch_NNNN.pt``."""
+    return link_or_copy(Path(last), Path(last).parent / f"epoch_{epoch:04d}.pt")
 
 
 def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[CaCo, dict]:

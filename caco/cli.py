@@ -70,6 +70,7 @@ def pretrain_main(cfg: DictConfig) -> dict:
 
     run_dir = _run_dir()
     finalize_config(cfg, run_dir)
+    scheduler = None
     try:
         from caco.preflight import check_pretrain
         from caco.train import Pretrainer
@@ -94,6 +95,12 @@ def pretrain_main(cfg: DictConfig) -> dict:
         record_own_failure(run_dir, e)
         log.error("%s", user_message(e))
         sys.exit(2)
+    except KeyboardInterrupt:
+        log.warning("interrupted (Ctrl-C): %s", "stopping local evaluations; the run resumes "
+                    "from its last checkpoint when relaunched with the same run_name")
+        if scheduler is not None:
+            scheduler.interrupt()
+        raise
     except Exception as e:
         _fail(cfg, run_dir, e)
         raise

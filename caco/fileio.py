@@ -25,12 +25,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *,
     finally:
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or link in ``folder`` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -28,7 +28,6 @@ class Journal:
         self.path = Path(path)
         self._lock_path = self.path.with_name(f".{self.path.name}.lock")
         self._deliver_path = self.path.with_name(f".{self.path.name}.deliver.lock")
-        self._next_seq: int | None = None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -89,13 +88,27 @@ class Journal:
         else:
             self.path.unlink(missing_ok=True)
 
+    def _last_seq(self) -> int:
+        """The last record's number, from the file's tail (appends stay cheap when a long
+        outage has made the journal long)."""
+        if not self.path.exists():
+            return -1
+        with open(self.path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            tail = f.read().decode(errors="replace").splitlines()
+        for line in reversed(tail):
+            try:
+                return int(json.loads(line)["seq"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return max((r["seq"] for r in self._read()), default=-1)
+
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         with self._locked():
-            if self._next_seq is None:
-                existing = self._read()
-                self._next_seq = max((r.get("seq", -1) for r in existing), default=-1) + 1
-            record = {**record, "seq": self._next_seq}
-            self._next_seq += 1
+            # Numbered from the file, not a counter of this process: a second process may
+            # append too (dag.py cancel closing a run whose job it just killed).
+            record = {**record, "seq": self._last_seq() + 1}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab+") as f:
                 f.seek(0, os.SEEK_END)

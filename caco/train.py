@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from caco.checkpoint import CheckpointError, link_or_copy, read_checkpoint, save_atomic
+from caco.checkpoint import CheckpointError, publish_milestone, read_checkpoint, save_last
 from caco.errors import ConfigError, TrainingDiverged
+from caco.lease import LeaseHeld, RunLease
 from caco.model import CaCo, build_model
 from caco.optim import LARS, set_lr
 from caco.runtime import Runtime, resolve_runtime
@@ -137,6 +138,7 @@ class Pretrainer:
         self.rt: Runtime = resolve_runtime(cfg)
         validate(cfg, self.rt.world)
         self.tracker = None
+        self.lease: RunLease | None = None
 
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -256,7 +258,8 @@ class Pretrainer:
     def _save_last(self, epoch: int, step_in_epoch: int = 0) -> Path | None:
         if not self.rt.is_main:
             return None
-        return save_atomic(self._state(epoch, step_in_epoch), self.ckpt_dir / "last.pt")
+        self._check_lease()
+        return save_last(self._state(epoch, step_in_epoch), self.ckpt_dir / "last.pt")
 
     def _is_milestone(self, epoch: int) -> bool:
         c = self.cfg.checkpoint
@@ -264,10 +267,29 @@ class Pretrainer:
                 or (c.every and epoch % c.every == 0))
 
     def _publish_milestone(self, last: Path, epoch: int) -> None:
-        path = link_or_copy(last, self.ckpt_dir / f"epoch_{epoch:04d}.pt")
+        self._check_lease()
+        path = publish_milestone(last, epoch)
         log.info("milestone checkpoint %s", path)
         for hook in self.milestone_hooks:
             hook(path, epoch)
+
+    def _publish_missed_milestone(self, ckpt: dict) -> None:
+        """A kill between writing ``last.pt`` at the end of a milestone epoch and publishing
+        ``epoch_NNNN.pt`` would lose that milestone and its whole DAG: publish it now."""
+        epoch = int(ckpt["epoch"])
+        if not (self.rt.is_main and epoch > 0 and ckpt["step_in_epoch"] == 0
+                and self._is_milestone(epoch)):
+            return
+        if (self.ckpt_dir / f"epoch_{epoch:04d}.pt").exists():
+            return
+        log.warning("milestone epoch %d was never published (interrupted after last.pt was "
+                    "written); publishing it now", epoch)
+        self._publish_milestone(self.ckpt_dir / "last.pt", epoch)
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost:
+            raise LeaseHeld(f"another trainer took over {self.run_dir}; this one stops without "
+                            "writing a checkpoint")
 
     # ------------------------------------------------------------------ data
     def _to_device(self, views: Sequence[torch.Tensor], epoch: int, step: int
@@ -289,13 +311,32 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
-        cfg, rt = self.cfg, self.rt
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rt.is_main:
+            lease = self.cfg.get("lease") or {}
+            self.lease = RunLease(self.run_dir, heartbeat_s=float(lease.get("heartbeat_s", 30)),
+                                  stale_s=float(lease.get("stale_s", 300))).acquire()
+        status = "failed"
+        try:
+            summary = self._run()
+            status = summary["status"]
+            return summary
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            if self.lease is not None:
+                self.lease.release(status)
+
+    def _run(self) -> dict:
+        cfg, rt = self.cfg, self.rt
         if rt.is_main:
             OmegaConf.save(self._resolved_config(), self.run_dir / "config.yaml")
         self._setup()
         ckpt = self._load_last()
         self._start_tracking(ckpt)
+        if ckpt is not None:
+            self._publish_missed_milestone(ckpt)
         start_epoch = ckpt["epoch"] if ckpt else 0
         start_step = ckpt["step_in_epoch"] if ckpt else 0
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "status": "finished",

@@ -1,8 +1,14 @@
-"""A run's evaluation DAG: ``python launch/dag.py status|retry <run_dir>``.
+"""A run's (or a sweep's) evaluation DAG: ``python launch/dag.py status|retry|cancel <dir>``.
 
-``status`` prints every checkpoint x node with its state from the ledger and from SLURM
-(sacct); ``retry`` resubmits failed or cancelled nodes (and their checkpoint's report) on the
-run's own cluster setting; with cluster=local it runs them here and waits.
+  status <run or sweep dir> [--json]     the pretraining job and every checkpoint x node: ledger
+                                         state, SLURM state, job, attempts, result
+  retry <run dir> [key=value ...]        resubmit failed/cancelled/timed-out/stranded nodes (and
+                                         their report); overrides of dag.*/eval.* apply to them,
+                                         e.g. dag.nodes.knn.resources.partition=gpu
+  retry <sweep dir> --pretraining        resubmit failed/cancelled/timed-out sweep points (they
+                                         resume from their last.pt)
+  cancel <run or sweep dir>              stop the pretraining jobs and every queued or running
+                                         evaluation (ledger CANCELLED, MLflow KILLED)
 """
 
 import argparse
@@ -11,21 +17,39 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/dag.py", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["status", "retry"])
-    parser.add_argument("run_dir", help="the pretraining run directory (outputs/runs/<run>)")
+    parser = argparse.ArgumentParser(prog="launch/dag.py", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["status", "retry", "cancel"])
+    parser.add_argument("path", help="a pretraining run directory (outputs/runs/<run>) or a "
+                        "sweep directory (outputs/sweeps/<time>)")
+    parser.add_argument("overrides", nargs="*", help="retry: key=value (or +key=value) of "
+                        "dag.* / eval.*")
+    parser.add_argument("--json", action="store_true", help="status: one JSON object per node")
+    parser.add_argument("--pretraining", action="store_true",
+                        help="retry: resubmit failed sweep points instead of evaluations")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from caco.dag.admin import format_table, retry, status_rows
+    from caco.dag import admin
     from caco.errors import CacoError
 
     try:
         if args.command == "status":
-            print(format_table(status_rows(args.run_dir)))
+            if args.overrides:
+                parser.error("status takes no overrides")
+            print(admin.status(args.path, as_json=args.json))
+        elif args.command == "cancel":
+            done = admin.cancel(args.path)
+            print(f"cancelled {len(done['pretraining'])} pretraining job(s) and "
+                  f"{len(done['evaluations'])} evaluation job(s)")
+        elif args.pretraining:
+            done = admin.retry_pretraining(args.path)
+            print(f"resubmitted {len(done)} sweep point(s)")
         else:
-            done = retry(args.run_dir)
+            run_dir = admin._run_dir(args.path)
+            done = admin.retry(run_dir, args.overrides)
             print(f"resubmitted {len(done)} node(s)")
-            print(format_table(status_rows(args.run_dir)))
+            print(admin.status(run_dir))
     except CacoError as e:
         print(f"dag.py: {e}", file=sys.stderr)
         return 2

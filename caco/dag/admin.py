@@ -1,17 +1,59 @@
-"""What ``launch/dag.py`` does: show a run's evaluation DAG, resubmit what failed."""
+"""What ``launch/dag.py`` does: show runs and their evaluation DAGs, recover what failed, stop
+what runs. Each command takes a run directory or a sweep directory (every run in it).
+
+- ``status``: per run, the pretraining job (its SLURM state, or the local trainer's process)
+  and its last completed epoch, then one line per checkpoint x node from the ledger with the
+  SLURM state of its job (a job's row is trusted only when its name is the node's key). With
+  SLURM unreachable the ledger is shown and the SLURM column says ``unavailable``.
+- ``retry``: resubmits FAILED, CANCELLED and TIMEOUT nodes, nodes whose job died without
+  reporting, stranded submissions (SUBMITTING, in neither squeue nor sacct) and local nodes
+  whose process is gone, each with its checkpoint's report; ``key=value`` overrides of
+  ``dag.*``/``eval.*`` settings apply to the resubmission. ``--pretraining`` resubmits failed,
+  cancelled or timed-out sweep points instead (they resume from their ``last.pt``).
+- ``cancel``: stops the pretraining jobs and every evaluation job still queued or running;
+  the ledger records CANCELLED and MLflow KILLED.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from caco.dag.ledger import EvalLedger
 from caco.errors import ConfigError
+from caco.job_states import ACTIVE, RETRYABLE, SLURM_FINAL, ledger_state
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+COLUMNS = ["epoch", "node", "state", "slurm", "job", "attempts", "result"]
+UNAVAILABLE = "unavailable"
+# Sweep points `retry --pretraining` resubmits (sacct's words for "did not finish").
+PRETRAINING_RETRYABLE = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                         "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+# ---------------------------------------------------------------------------------- where
+def run_dirs(path: str | Path) -> tuple[list[Path], Path | None]:
+    """The run directories ``path`` stands for, and its sweep directory if it is one."""
+    path = Path(path).expanduser().resolve()
+    if (path / "config.yaml").exists():
+        return [path], None
+    from caco import sweep
+
+    manifest = sweep.read(path)
+    runs = sorted(p.parent for p in path.glob("*/config.yaml"))
+    if manifest is not None:
+        recorded = [Path(p["run_dir"]) for p in manifest["points"]]
+        runs = sorted(set(runs) | {r for r in recorded})
+    if not runs and manifest is None:
+        raise ConfigError(f"{path} is not a pretraining run directory (no config.yaml) nor a "
+                          "sweep directory (no sweep.json, no run directories)")
+    return runs, path
 
 
 def _run_dir(path: str | Path) -> Path:
@@ -21,73 +63,377 @@ def _run_dir(path: str | Path) -> Path:
     return run_dir
 
 
-def _slurm_states(entries: list[dict[str, Any]]) -> dict[str, str]:
-    ids = [str(e["job_id"]) for e in entries if str(e.get("job_id") or "").isdigit()]
+# ---------------------------------------------------------------------------------- SLURM
+def _slurm_rows(job_ids: list[str]) -> dict[str, dict[str, str]] | None:
+    """sacct's latest row per job id, or None when SLURM cannot be asked."""
+    ids = [str(j) for j in job_ids if j and str(j)[0].isdigit()]
     if not ids:
         return {}
-    from caco.slurm_accounting import job_state
+    from caco.slurm_accounting import SlurmUnavailable, latest_rows
 
     try:
-        return {i: job_state(i) for i in ids}
-    except OSError:  # no sacct on this machine
-        return {}
+        return latest_rows(ids)
+    except SlurmUnavailable:
+        return None
 
 
-def status_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+def slurm_state(entry: dict[str, Any], rows: dict[str, dict] | None) -> str:
+    """The SLURM state of a node's job, if its row is really that node's (name = key)."""
+    job = str(entry.get("job_id") or "")
+    if not job or not job[0].isdigit():
+        return "-"
+    if rows is None:
+        return UNAVAILABLE
+    row = rows.get(job)
+    if row is None or row.get("name") != entry.get("key"):
+        return "-"
+    return row["state"]
+
+
+def _pretraining(run_dir: Path, point: dict | None, rows: dict | None) -> dict[str, Any]:
+    from caco.checkpoint import progress
+    from caco.lease import LEASE_FILE
+    from caco.processes import alive
+
+    info: dict[str, Any] = {"run_dir": str(run_dir)}
+    lease = _read_json(run_dir / LEASE_FILE) or {}
+    job = (point or {}).get("job_id") or lease.get("slurm_job_id")
+    if job:
+        info["job_id"] = str(job)
+        info["slurm"] = UNAVAILABLE if rows is None else (rows.get(str(job)) or {}).get(
+            "state", "-")
+    elif lease:
+        running = alive(lease.get("process")) and not lease.get("released")
+        info["process"] = (f"pid {lease.get('pid')} on {lease.get('host')}: "
+                           + ("running" if running else lease.get("status") or "gone"))
+    p = progress(run_dir) or {}
+    info["epoch"], info["epochs"] = p.get("epoch"), p.get("epochs")
+    info["step_in_epoch"] = p.get("step_in_epoch")
+    return info
+
+
+def _pretraining_line(info: dict[str, Any]) -> str:
+    if "job_id" in info:
+        where = f"SLURM job {info['job_id']} {info['slurm']}"
+    else:
+        where = f"local trainer {info['process']}" if "process" in info else "not started"
+    if info.get("epoch") is None:
+        done = "no checkpoint yet"
+    else:
+        done = f"epoch {info['epoch']}/{info.get('epochs') or '?'} done"
+        if info.get("step_in_epoch"):
+            done += f" (+{info['step_in_epoch']} steps)"
+    return f"pretraining: {where}, {done}"
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------- status
+def status_rows(run_dir: str | Path, rows: dict | None = None) -> list[dict[str, Any]]:
+    from caco.dag.scheduler import local_node_gone
+
     run_dir = _run_dir(run_dir)
     entries = EvalLedger(run_dir).entries()
-    slurm = _slurm_states(entries)
-    rows = []
+    if rows is None:
+        rows = _slurm_rows([e.get("job_id") for e in entries])
+    out = []
     for e in entries:
         metrics = e.get("metrics") or {}
         shown = ", ".join(f"{k} {v:g}" for k, v in metrics.items()
                           if k not in ("epoch", "seconds") and "." not in k)
-        rows.append({"epoch": e["epoch"], "node": e["node"], "state": e["state"],
-                     "slurm": slurm.get(str(e.get("job_id")), "-"),
-                     "job": e.get("job_id") or "-", "attempts": e.get("attempts", 0),
-                     "result": shown if e["state"] == "COMPLETED" else (e.get("error") or "")})
-    return rows
+        result = shown if e["state"] == "COMPLETED" else (e.get("error") or "")
+        if e.get("backend") == "local" and e["state"] in ACTIVE and local_node_gone(e):
+            result = "its process is gone: relaunch the run or `dag.py retry` runs it again"
+        out.append({"epoch": e["epoch"], "node": e["node"], "state": e["state"],
+                    "slurm": slurm_state(e, rows), "job": e.get("job_id") or "-",
+                    "attempts": e.get("attempts", 0), "result": result,
+                    "error": e.get("error"), "key": e.get("key")})
+    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no evaluation nodes recorded yet"
-    cols = ["epoch", "node", "state", "slurm", "job", "attempts", "result"]
-    cells = [[str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    cells = [[str(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
-def retry(run_dir: str | Path, *, wait: bool = True) -> list[dict[str, Any]]:
-    """Resubmit every failed/cancelled node (and its checkpoint's report)."""
-    from omegaconf import OmegaConf
+def status(path: str | Path, *, as_json: bool = False) -> str:
+    """The text ``dag.py status`` prints (JSON lines, one per node, with ``as_json``)."""
+    import json
 
+    from caco import sweep
+
+    runs, sweep_dir = run_dirs(path)
+    points = {Path(p["run_dir"]).resolve(): p
+              for p in ((sweep.read(sweep_dir) or {}).get("points", []) if sweep_dir else [])}
+    if sweep_dir is None:
+        found = sweep.point_of_run(runs[0])
+        if found:
+            points[runs[0]] = found[1]
+    ledgers = {r: EvalLedger(r).entries() if (r / "config.yaml").exists() else [] for r in runs}
+    jobs = [e.get("job_id") for es in ledgers.values() for e in es]
+    jobs += [p.get("job_id") for p in points.values()]
+    for r in runs:
+        lease = _read_json(r / "lease.json") or {}
+        jobs.append(lease.get("slurm_job_id"))
+    rows = _slurm_rows([j for j in jobs if j])
+    blocks, lines = [], []
+    for r in runs:
+        table = status_rows(r, rows) if (r / "config.yaml").exists() else []
+        if as_json:
+            lines += [json.dumps({"run": str(r), "epoch": t["epoch"], "node": t["node"],
+                                  "state": t["state"], "job_id": None if t["job"] == "-"
+                                  else t["job"], "attempts": t["attempts"],
+                                  "error": t["error"]}) for t in table]
+            continue
+        head = _pretraining_line(_pretraining(r, points.get(r), rows))
+        block = [f"== {r.name}"] if sweep_dir is not None else []
+        blocks.append("\n".join([*block, head, format_table(table)]))
+    if rows is None and not as_json:
+        blocks.append("(SLURM did not answer: its states are shown as 'unavailable')")
+    return "\n".join(lines) if as_json else "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------- retry
+def _apply_overrides(cfg: DictConfig, overrides: list[str], run_dir: Path) -> DictConfig:
+    """``key=value`` (an existing key) / ``+key=value`` (a new one) of dag.* or eval.*,
+    checked against the run's config: a wrong key is refused naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's grammar error, as its own words
+        raise ConfigError(f"cannot parse the overrides {overrides}: {e}") from None
+    for o in parsed:
+        key = o.key_or_group
+        if not (key.startswith("dag.") or key.startswith("eval.")):
+            raise ConfigError(f"{o.input_line}: only dag.* and eval.* settings can change on a "
+                              "retry (the run itself is fixed)")
+        exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
+        if o.is_add() and exists:
+            raise ConfigError(f"{o.input_line}: {key} exists in {run_dir / 'config.yaml'}; "
+                              f"drop the +")
+        if not o.is_add() and not exists:
+            raise ConfigError(f"{o.input_line}: {key} is not a key of {run_dir / 'config.yaml'}"
+                              f"; use +{key}=... to add it")
+        OmegaConf.update(cfg, key, o.value(), merge=True, force_add=True)
+    return cfg
+
+
+_MISSING = object()
+
+
+def _needs_retry(entry: dict[str, Any], rows: dict | None) -> bool:
+    from caco.dag.scheduler import local_node_gone
+
+    if entry["state"] in RETRYABLE:
+        return True
+    if local_node_gone(entry):
+        return True
+    state = slurm_state(entry, rows)
+    return entry["state"] in ("SUBMITTED", "RUNNING") and state in SLURM_FINAL and \
+        ledger_state(state) != "COMPLETED"
+
+
+def retry(run_dir: str | Path, overrides: list[str] | None = None, *,
+          wait: bool = True) -> list[dict[str, Any]]:
+    """Resubmit every node that did not complete (and its checkpoint's report)."""
+    from caco.dag.executors import LookupUnavailable
     from caco.dag.scheduler import DagScheduler
 
     run_dir = _run_dir(run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = _apply_overrides(OmegaConf.load(run_dir / "config.yaml"), list(overrides or []),
+                           run_dir)
     ledger = EvalLedger(run_dir)
-    slurm = _slurm_states(ledger.entries())
-    failed = [e for e in ledger.entries()
-              if e["state"] in RETRYABLE or slurm.get(str(e.get("job_id"))) in RETRYABLE]
+    scheduler = DagScheduler(cfg, run_dir)
+    entries = ledger.entries()
+    rows = _slurm_rows([e.get("job_id") for e in entries])
+    failed = [e for e in entries if _needs_retry(e, rows)]
+    for e in [e for e in entries if e["state"] == "SUBMITTING"]:
+        with ledger.submission_lock():  # nobody is submitting it now: its submitter died
+            now = ledger.get(e["epoch"], e["node"])
+            if now is None or now["state"] != "SUBMITTING":
+                continue
+            try:
+                found = scheduler.executor.lookup(now["key"])
+            except LookupUnavailable as err:
+                log.warning("evaluation %s of epoch %d: cannot ask SLURM whether it was "
+                            "submitted (%s); left as it is", e["node"], e["epoch"], err)
+                continue
+            if found is not None:
+                ledger.update(e["epoch"], e["node"], state="SUBMITTED", job_id=found,
+                              backend=scheduler.executor.kind)
+                log.info("evaluation %s of epoch %d had been submitted as job %s",
+                         e["node"], e["epoch"], found)
+            else:
+                failed.append(now)
     if not failed:
         log.info("nothing to retry in %s", run_dir)
         return []
-    scheduler = DagScheduler(cfg, run_dir)
     epochs = sorted({e["epoch"] for e in failed})
     for e in failed:
         ledger.reset(e["epoch"], e["node"])
     for epoch in epochs:
         for e in ledger.entries():
-            if e["epoch"] == epoch and scheduler.specs.get(e["node"]) is not None \
-                    and scheduler.specs[e["node"]].evaluator == "report":
+            spec = scheduler.specs.get(e["node"])
+            if e["epoch"] == epoch and spec is not None and spec.evaluator == "report":
                 ledger.reset(epoch, e["node"])
     submitted = []
     for epoch in epochs:
         checkpoint = next(e["checkpoint"] for e in failed if e["epoch"] == epoch)
         submitted += scheduler.schedule(checkpoint, epoch)
+    if overrides:
+        for e in submitted:
+            ledger.update(e["epoch"], e["node"], overrides=list(overrides))
     scheduler.close(wait=wait)
     return submitted
+
+
+def retry_pretraining(path: str | Path) -> list[tuple[int, str, str]]:
+    """Resubmit the sweep points whose job did not finish: ``[(num, old job, new job)]``."""
+    from caco import sweep
+
+    path = Path(path).expanduser().resolve()
+    sweep_dir = path
+    manifest = sweep.read(path)
+    if manifest is None and (path / "config.yaml").exists():
+        found = sweep.point_of_run(path)
+        if found:
+            sweep_dir, point = found
+            manifest = {"points": [point]}
+    if manifest is None:
+        raise ConfigError(f"{path} is not a SLURM sweep directory (no sweep.json): --pretraining "
+                          "resubmits sweep points submitted with -m cluster=slurm")
+    rows = _slurm_rows([p["job_id"] for p in manifest["points"]])
+    if rows is None:
+        raise ConfigError("SLURM did not answer (sacct); cannot tell which sweep points failed")
+    done = []
+    for point in manifest["points"]:
+        state = (rows.get(str(point["job_id"])) or {}).get("state", "UNKNOWN")
+        if state not in PRETRAINING_RETRYABLE:
+            continue
+        new = sweep.resubmit(sweep_dir, point)
+        log.info("#%d (%s) was %s -> SLURM job %s", point["num"], point["run_dir"], state, new)
+        done.append((point["num"], str(point["job_id"]), new))
+    if not done:
+        log.info("no sweep point to resubmit (none FAILED, CANCELLED or TIMEOUT)")
+    return done
+
+
+# ---------------------------------------------------------------------------------- cancel
+def cancel(path: str | Path, *, wait_s: float = 60.0) -> dict[str, list[str]]:
+    """Cancel the pretraining jobs and every evaluation still queued or running."""
+    import subprocess
+
+    from caco import sweep
+
+    runs, sweep_dir = run_dirs(path)
+    manifest = sweep.read(sweep_dir) if sweep_dir else None
+    points = {Path(p["run_dir"]).resolve(): p for p in (manifest or {}).get("points", [])}
+    if sweep_dir is None and (found := sweep.point_of_run(runs[0])):
+        points[runs[0]] = found[1]
+    slurm_jobs: list[str] = []
+    local: list[tuple[Path, dict]] = []
+    for r in runs:
+        if r in points:
+            slurm_jobs.append(str(points[r]["job_id"]))
+        else:
+            lease = _read_json(r / "lease.json") or {}
+            if lease.get("slurm_job_id") and not lease.get("released"):
+                slurm_jobs.append(str(lease["slurm_job_id"]))
+            elif not lease.get("released"):
+                local.append((r, lease))
+    nodes = [(r, e) for r in runs if (r / "config.yaml").exists()
+             for e in EvalLedger(r).entries() if e["state"] in ACTIVE]
+    node_jobs = [str(e["job_id"]) for _, e in nodes if str(e.get("job_id") or "")[:1].isdigit()]
+    rows = _slurm_rows(slurm_jobs) or {}
+    live = [j for j in slurm_jobs if (rows.get(j) or {}).get("state") not in SLURM_FINAL]
+    if live or node_jobs:
+        proc = subprocess.run(["scancel", *live, *node_jobs], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            raise ConfigError(f"scancel failed: {proc.stderr.strip()}")
+    for r, lease in local:
+        _interrupt_local_trainer(r, lease)
+    ended = _wait_ended(live + node_jobs, wait_s)
+    for r, e in nodes:
+        _close_node(r, e, ended)
+    for r in runs:
+        if r in points and points[r]["job_id"] in live:
+            state = (ended or {}).get(str(points[r]["job_id"]), "CANCELLED")
+            if state != "COMPLETED":
+                _close_run(r, "KILLED")
+    return {"pretraining": live + [str(r) for r, _ in local], "evaluations": node_jobs}
+
+
+def _interrupt_local_trainer(run_dir: Path, lease: dict) -> None:
+    """A cluster=local trainer: Ctrl-C it (it stops its evaluations and records why)."""
+    import os
+
+    from caco.processes import alive
+
+    if alive(lease.get("process")):
+        os.kill(int(lease["pid"]), signal.SIGINT)
+        log.info("sent Ctrl-C to the trainer of %s (pid %s)", run_dir.name, lease["pid"])
+
+
+def _wait_ended(job_ids: list[str], wait_s: float) -> dict[str, str] | None:
+    deadline = time.monotonic() + wait_s
+    while job_ids:
+        rows = _slurm_rows(job_ids)
+        if rows is None:
+            return None
+        states = {j: (rows.get(j) or {}).get("state", "UNKNOWN") for j in job_ids}
+        if all(s in SLURM_FINAL for s in states.values()) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
+    return {}
+
+
+def _close_node(run_dir: Path, entry: dict, ended: dict | None) -> None:
+    ledger = EvalLedger(run_dir)
+    state = (ended or {}).get(str(entry.get("job_id")))
+    if state == "COMPLETED":
+        return  # it finished before the cancel reached it; it recorded itself
+    now = ledger.get(entry["epoch"], entry["node"]) or {}
+    if now.get("key") != entry["key"] or now.get("state") not in ACTIVE:
+        return
+    ledger.update(entry["epoch"], entry["node"], key=entry["key"], state="CANCELLED",
+                  error="cancelled by dag.py cancel", finished=time.time())
+    folder = run_dir / "evals" / f"e{entry['epoch']:04d}" / entry["node"] / "tracking"
+    if (folder / f"{entry['key']}.json").exists():
+        _close_writer(run_dir, folder, f"{entry['key']}.json",
+                      f"{entry['key']}.pending.jsonl", "KILLED")
+
+
+def _close_run(run_dir: Path, status: str) -> None:
+    from caco.tracking import PENDING_FILE, RUN_FILE
+
+    if (run_dir / RUN_FILE).exists():
+        _close_writer(run_dir, run_dir, RUN_FILE, PENDING_FILE, status)
+
+
+def _close_writer(run_dir: Path, folder: Path, state: str, pending: str, status: str) -> None:
+    """End a dead writer's MLflow run (through its own journal, after what it left)."""
+    from caco.tracking import RUN_FILE, Tracker, read_run_file
+
+    info = read_run_file(run_dir) or {}
+    if not info.get("uri"):
+        return
+    parent = run_dir / RUN_FILE if folder != run_dir else None
+    Tracker(info["uri"], info.get("experiment_id"), folder, experiment=info.get("experiment"),
+            state_file=state, pending_file=pending, parent_state=parent,
+            retry_interval_s=0).end(status)

@@ -88,7 +88,7 @@ def _evaluate(job: NodeJob) -> dict[str, Any]:
 
         torch.set_num_threads(int(job.threads))
     if job.evaluator == "report":
-        from evals.report import report
+        from caco.dag.report import report
 
         return report(job.run_dir, job.epoch, exclude=job.node)
     module = importlib.import_module(f"evals.{job.evaluator}")

@@ -1,0 +1,69 @@
+"""The ``report`` node: one checkpoint's evaluations rolled up, failures included (a roll-up of
+the ledger, so it lives with the DAG, not with the evaluators).
+
+It runs after the checkpoint's other nodes whatever their outcome (SLURM ``afterany``), reads
+their ledger entries and metrics files, asks SLURM for the final state of jobs that never
+reported back (cancelled by a failed dependency, killed, timed out; a job's row counts only
+when its name is the node's key), records that state in the ledger, and writes
+``<run_dir>/evals/e<epoch>/report.json`` and ``report.md``. Nodes whose submission SLURM
+refused are in the ledger as FAILED with SLURM's words, and are reported like any failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from caco.dag.ledger import EvalLedger
+from caco.fileio import atomic_write_text
+from caco.job_states import FINAL, ledger_state
+
+
+def _slurm_finals(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """SLURM's final state of each unfinished node's job (rows named by the node's key)."""
+    from caco.slurm_accounting import SlurmUnavailable, latest_rows
+
+    waiting = {str(e["job_id"]): e["key"] for e in entries
+               if e["state"] not in FINAL and str(e.get("job_id") or "")[:1].isdigit()}
+    try:
+        rows = latest_rows(list(waiting))
+    except SlurmUnavailable:
+        return {}
+    return {job: row["state"] for job, row in rows.items()
+            if job in waiting and row.get("name") == waiting[job]}
+
+
+def report(run_dir: str, epoch: int, exclude: str = "report") -> dict[str, Any]:
+    ledger = EvalLedger(run_dir)
+    rows = []
+    entries = [e for e in ledger.entries() if e["epoch"] == epoch and e["node"] != exclude]
+    finals = _slurm_finals(entries)
+    for entry in entries:
+        state, error = entry["state"], entry.get("error")
+        slurm = finals.get(str(entry.get("job_id")))
+        if state not in FINAL and slurm and ledger_state(slurm):
+            state, error = ledger_state(slurm), error or f"SLURM state {slurm}"
+            ledger.update(epoch, entry["node"], key=entry["key"], state=state, error=error)
+        rows.append({"node": entry["node"], "state": state, "job_id": entry.get("job_id"),
+                     "attempts": entry.get("attempts", 0), "error": error,
+                     "metrics": entry.get("metrics") or {}})
+    failed = [r["node"] for r in rows if r["state"] != "COMPLETED"]
+    out = Path(run_dir) / "evals" / f"e{epoch:04d}"
+    summary = {"epoch": epoch, "nodes": rows, "failed": failed}
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1))
+    lines = [f"# Evaluations of epoch {epoch}", "", "| node | state | job | attempts | metrics |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        shown = ", ".join(f"{k} {v:g}" for k, v in r["metrics"].items() if k != "epoch")
+        if r["state"] != "COMPLETED":
+            shown = r["error"] or ""
+        lines.append(f"| {r['node']} | {r['state']} | {r['job_id']} | {r['attempts']} | "
+                     f"{shown} |")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    metrics: dict[str, Any] = {"dag_failed_nodes": len(failed), "dag_nodes": len(rows)}
+    for r in rows:
+        for k, v in r["metrics"].items():
+            if k not in ("epoch", "seconds"):
+                metrics[f"{r['node']}.{k}"] = v
+    return metrics
