@@ -107,7 +107,10 @@ def test_relaunch_submits_nothing_twice_and_status_shows_the_ledger(run):
     status = run_cli("dag.py", "status", str(run["run_dir"]))
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
-    assert lines[0].split() == ["epoch", "node", "state", "slurm", "job", "attempts", "result"]
+    # The pretraining run's own line, then the node table.
+    assert lines[0].startswith("pretraining: local trainer pid") and "finished" in lines[0]
+    assert "epoch 2/2 done" in lines[0]
+    assert lines[1].split() == ["epoch", "node", "state", "slurm", "job", "attempts", "result"]
     assert any(line.split()[:3] == ["2", "broken", "FAILED"] for line in lines)
     assert any(line.split()[:3] == ["2", "linear", "COMPLETED"] for line in lines)
 

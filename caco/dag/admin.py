@@ -158,10 +158,14 @@ def status_rows(run_dir: str | Path, rows: dict | None = None) -> list[dict[str,
     return out
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], width: int = 110) -> str:
+    """Plain columns; a long result is cut to ``width`` characters (``--json`` has it all)."""
     if not rows:
         return "no evaluation nodes recorded yet"
     cells = [[str(r[c]) for c in COLUMNS] for r in rows]
+    for row in cells:
+        if len(row[-1]) > width:
+            row[-1] = row[-1][:width - 3] + "..."
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
