@@ -139,6 +139,9 @@ def save_last(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     import json
     import time
 
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a write killed half-way (the
+        stale.unlink(missing_ok=True)                      # run's lease: no other writer)
     path = save_atomic(state, path)
     atomic_write(path.parent.parent / PROGRESS_FILE, lambda f: f.write(json.dumps(
         {"epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"]),
