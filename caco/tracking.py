@@ -281,6 +281,10 @@ class Tracker:
     # -- delivery ------------------------------------------------------------------------
     def _send(self, kind: str, payload: dict, run: str = "self") -> None:
         record = {"kind": kind, "run": run, **payload}
+        if kind == "create":  # written ahead: a kill during the call must not lose the run
+            self.journal.append(record)
+            self.flush()
+            return
         if self._outage and time.monotonic() - self._last_failure < self.retry_interval_s:
             self.journal.append(record)  # during an outage every try costs a timeout
             return
@@ -288,18 +292,20 @@ class Tracker:
             self.journal.append(record)
             return
         run_id = self._resolve(run)
-        if run_id is None and kind != "create":
+        if run_id is None:
             self.journal.append(record)
             return
         try:
             self._apply(record, run_id)
-        except Exception as e:
-            if _is_rejection(e):
+        except BaseException as e:  # an outage, or an interruption (SIGTERM, Ctrl-C) mid-call
+            if isinstance(e, Exception) and _is_rejection(e):
                 self._reject(record, e)
                 return
-            self._note_outage(e)
             # The backend may have applied it before failing: replay checks first.
             self.journal.append({**record, "attempts": 1})
+            if not isinstance(e, Exception):
+                raise
+            self._note_outage(e)
 
     def _resolve(self, run: str) -> str | None:
         if run == "parent":

@@ -415,29 +415,18 @@ def _close_node(run_dir: Path, entry: dict, ended: dict | None) -> None:
     now = ledger.get(entry["epoch"], entry["node"]) or {}
     if now.get("key") != entry["key"] or now.get("state") not in ACTIVE:
         return
+    from caco.dag.node import close_child_run
+
     ledger.update(entry["epoch"], entry["node"], key=entry["key"], state="CANCELLED",
                   error="cancelled by dag.py cancel", finished=time.time())
-    folder = run_dir / "evals" / f"e{entry['epoch']:04d}" / entry["node"] / "tracking"
-    if (folder / f"{entry['key']}.json").exists():
-        _close_writer(run_dir, folder, f"{entry['key']}.json",
-                      f"{entry['key']}.pending.jsonl", "KILLED")
+    close_child_run(run_dir, entry, "KILLED")
 
 
 def _close_run(run_dir: Path, status: str) -> None:
-    from caco.tracking import PENDING_FILE, RUN_FILE
-
-    if (run_dir / RUN_FILE).exists():
-        _close_writer(run_dir, run_dir, RUN_FILE, PENDING_FILE, status)
-
-
-def _close_writer(run_dir: Path, folder: Path, state: str, pending: str, status: str) -> None:
-    """End a dead writer's MLflow run (through its own journal, after what it left)."""
-    from caco.tracking import RUN_FILE, Tracker, read_run_file
+    """End a killed pretraining job's MLflow run (through its journal, after what it left)."""
+    from caco.tracking import Tracker, read_run_file
 
     info = read_run_file(run_dir) or {}
-    if not info.get("uri"):
-        return
-    parent = run_dir / RUN_FILE if folder != run_dir else None
-    Tracker(info["uri"], info.get("experiment_id"), folder, experiment=info.get("experiment"),
-            state_file=state, pending_file=pending, parent_state=parent,
-            retry_interval_s=0).end(status)
+    if info.get("uri"):
+        Tracker(info["uri"], info.get("experiment_id"), run_dir,
+                experiment=info.get("experiment"), retry_interval_s=0).end(status)

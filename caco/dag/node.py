@@ -97,33 +97,60 @@ def _evaluate(job: NodeJob) -> dict[str, Any]:
     return module.evaluate(job.checkpoint, cfg)
 
 
-def _child_tracker(job: NodeJob):
-    """The node's MLflow child run (a buffered writer of its own, see caco.tracking)."""
-    t = job.tracking
-    if not t or not (t.get("parent_state") or t.get("parent_run_id")):
-        return None
-    from caco import tracking
+def child_writer(run_dir: str | os.PathLike, epoch: int, node: str, key: str,
+                 tracking: dict[str, Any] | None = None):
+    """The MLflow writer of one node run (its child run and its metrics on the parent), from
+    the node's job settings or, for a node that is gone, from the run's tracking.json."""
+    from caco import tracking as trk
 
-    tracking.use_credentials(t)
-    folder = job.out_dir / "tracking"
-    state = f"{job.key}.json"
-    fresh = not (folder / state).exists()
-    tracker = tracking.Tracker(
-        t["uri"], t.get("experiment_id"), folder, experiment=t.get("experiment"),
-        artifact_root=t.get("artifact_root"), state_file=state,
-        pending_file=f"{job.key}.pending.jsonl", parent_state=t.get("parent_state"),
-        http_retries=int(t.get("http_retries", 1)), http_timeout=int(t.get("http_timeout", 10)),
+    run_dir = Path(run_dir)
+    t = dict(tracking or {})
+    if not t:
+        info = trk.read_run_file(run_dir) or {}
+        if not info.get("uri"):
+            return None
+        t = {"uri": info["uri"], "experiment_id": info.get("experiment_id"),
+             "experiment": info.get("experiment"), "parent_state": str(run_dir / trk.RUN_FILE)}
+    trk.use_credentials(t)
+    return trk.Tracker(
+        t["uri"], t.get("experiment_id"), run_dir / "evals" / f"e{epoch:04d}" / node / "tracking",
+        experiment=t.get("experiment"), artifact_root=t.get("artifact_root"),
+        state_file=f"{key}.json", pending_file=f"{key}.pending.jsonl",
+        parent_state=t.get("parent_state"), http_retries=int(t.get("http_retries", 1)),
+        http_timeout=int(t.get("http_timeout", 10)),
         retry_interval_s=float(t.get("retry_interval_s", 30)))
-    tags = tracking.default_tags({
+
+
+def close_child_run(run_dir: str | os.PathLike, entry: dict[str, Any], status: str) -> None:
+    """End the child run of a node whose process is gone (its records are sent first)."""
+    writer = child_writer(run_dir, entry["epoch"], entry["node"], entry["key"])
+    if writer is not None and writer.state_path.exists():
+        writer.end(status)
+
+
+def _child_tracker(job: NodeJob):
+    """The node's MLflow child run: a buffered writer of its own (see caco.tracking), not yet
+    started (nothing here talks to the backend)."""
+    t = job.tracking
+    if not t or not t.get("parent_state"):
+        return None
+    return child_writer(job.run_dir, job.epoch, job.node, job.key, t)
+
+
+def _start_child(tracker, job: NodeJob) -> None:
+    if tracker is None:
+        return
+    from caco.tracking import default_tags
+
+    fresh = not tracker.state_path.exists()
+    tracker.start(run_name=f"e{job.epoch:04d}-{job.node}", nested=True, tags=default_tags({
         "evaluator": job.evaluator, "node": job.node, "checkpoint_epoch": job.epoch,
         "checkpoint": job.checkpoint, "slurm_job_id": _slurm_job_id() or "none",
-        "idempotency_key": job.key})
-    tracker.start(run_name=f"e{job.epoch:04d}-{job.node}", tags=tags, nested=True)
+        "idempotency_key": job.key}))
     if fresh:
         params = {f"{job.evaluator}.{k}": str(v)[:500] for k, v in job.settings.items()}
         params["checkpoint_epoch"] = str(job.epoch)
         tracker.log_params(params)
-    return tracker
 
 
 def _finish_child(tracker, job: NodeJob, metrics: dict[str, Any], status: str) -> None:
@@ -182,9 +209,11 @@ def _run_and_record(job: NodeJob, world: int) -> dict[str, Any]:
                   **({"job_id": where} if where else {}))
     child = _child_tracker(job)
     try:
+        _start_child(child, job)
         return _attempts(job, world, ledger, child)
     except (KeyboardInterrupt, SystemExit, Interrupted):
-        _finish_child(child, job, {}, "KILLED")
+        if child is not None and child.state_path.exists():  # its run exists, or will
+            _finish_child(child, job, {}, "KILLED")
         with contextlib.suppress(Exception):
             ledger.update(job.epoch, job.node, key=job.key, state="CANCELLED",
                           error="interrupted before it finished; relaunch the run or "

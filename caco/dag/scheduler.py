@@ -242,11 +242,14 @@ class DagScheduler:
 
     def recover_local(self) -> list[dict]:
         """Move local evaluations whose process is gone back to the queue (new key)."""
+        from caco.dag.node import close_child_run
+
         gone = [e for e in self.ledger.entries() if local_node_gone(e)]
         for e in gone:
             log.warning("evaluation %s of epoch %d was %s when its process went away; "
                         "running it again", e["node"], e["epoch"],
                         "interrupted" if e["state"] == "CANCELLED" else e["state"].lower())
+            close_child_run(self.run_dir, e, "KILLED")  # its run says so, once delivered
             self.ledger.reset(e["epoch"], e["node"])
         return gone
 
