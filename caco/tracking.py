@@ -471,28 +471,31 @@ def read_run_file(run_dir: str | os.PathLike) -> dict | None:
     return _read_json(Path(run_dir) / RUN_FILE)
 
 
-def node_writers(run_dir: str | os.PathLike) -> list[tuple[Path, str, str]]:
-    """Every evaluation node writer of a run: (folder, state file, pending file)."""
+def node_writers(run_dir: str | os.PathLike,
+                 epoch: int | None = None) -> list[tuple[Path, str, str]]:
+    """Evaluation node writers of a run (of one checkpoint epoch): (folder, state, pending)."""
+    pattern = f"evals/e{epoch:04d}/*/tracking/*.json" if epoch is not None else \
+        "evals/e*/*/tracking/*.json"
     out = []
-    for state in sorted(Path(run_dir).glob("evals/e*/*/tracking/*.json")):
+    for state in sorted(Path(run_dir).glob(pattern)):
         out.append((state.parent, state.name, state.name[:-len(".json")] + ".pending.jsonl"))
     return out
 
 
-def sync(run_dir: str | os.PathLike) -> int:
-    """Send a run directory's buffered records (the trainer's first, then every evaluation
-    node's); returns how many remain pending."""
+def sync(run_dir: str | os.PathLike, *, epoch: int | None = None, trainer: bool = True) -> int:
+    """Send a run directory's buffered records (the trainer's first, then the evaluation
+    nodes', of one checkpoint epoch if given); returns how many remain pending."""
     info = read_run_file(run_dir)
     if info is None:
         raise FileNotFoundError(f"{Path(run_dir) / RUN_FILE} not found: not a pretraining run dir")
-    trainer = Tracker(info["uri"], info.get("experiment_id"), run_dir,
-                      experiment=info.get("experiment"),
-                      artifact_root=info.get("artifact_root"), retry_interval_s=0)
-    writers = [trainer] + [
-        Tracker(info["uri"], info.get("experiment_id"), folder, state_file=state,
-                pending_file=pending, parent_state=Path(run_dir) / RUN_FILE,
-                experiment=info.get("experiment"), retry_interval_s=0)
-        for folder, state, pending in node_writers(run_dir)]
+    writers = [Tracker(info["uri"], info.get("experiment_id"), run_dir,
+                       experiment=info.get("experiment"),
+                       artifact_root=info.get("artifact_root"), retry_interval_s=0)
+               ] if trainer else []
+    writers += [Tracker(info["uri"], info.get("experiment_id"), folder, state_file=state,
+                        pending_file=pending, parent_state=Path(run_dir) / RUN_FILE,
+                        experiment=info.get("experiment"), retry_interval_s=0)
+                for folder, state, pending in node_writers(run_dir, epoch)]
     left = 0
     for writer in writers:
         writer.flush()

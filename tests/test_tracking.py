@@ -1,4 +1,6 @@
-"""Tracking against a real MLflow server that goes away mid-run and comes back."""
+"""Tracking against a real MLflow server that goes away mid-run and comes back (a proxy in
+front of the session's server refuses connections), a locked sqlite store, and records whose
+first send had an unknown outcome."""
 
 from __future__ import annotations
 
@@ -6,18 +8,21 @@ import json
 
 import pytest
 from helpers import compose_pretrain, run_cli
-from mlflow_server import MlflowServer
 
 from caco.tracking import PENDING_FILE, Tracker, flatten, prepare_experiment, resolve_uri
 from caco.train import Pretrainer
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    srv.start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(tracking_proxy):
+    """The server as these tests see it: stop() and start() switch the proxy."""
+
+    class Switch:
+        uri = tracking_proxy.uri
+        stop = staticmethod(tracking_proxy.down)
+        start = staticmethod(tracking_proxy.up)
+
+    return Switch()
 
 
 def _history(uri, run_id, key):
@@ -112,3 +117,71 @@ def test_sync_of_a_directory_without_a_run_fails_clearly(tmp_path):
     proc = run_cli("sync_tracking.py", str(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert "not a pretraining run dir" in proc.stderr + proc.stdout
+
+
+def _metric_rows(uri, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_metric_history(run_id, key)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_a_send_with_an_unknown_outcome_is_checked_before_it_is_sent_again(tmp_path,
+                                                                           monkeypatch, blind):
+    """The backend applies a batch, then the answer is lost: the replay finds the record and
+    does not send it twice. A blind resend (the check switched off) would be a second row with
+    its own timestamp, which is how the chaos suite's row counts would catch one."""
+    uri = resolve_uri(None, tmp_path)
+    tracker = Tracker(uri, prepare_experiment(uri, "caco", tmp_path / "art"), tmp_path / "run")
+    tracker.start(run_name="r")
+    real = tracker.client.log_batch
+
+    def applied_then_lost(*args, **kwargs):
+        real(*args, **kwargs)
+        raise ConnectionError("connection reset by peer while reading the answer")
+
+    monkeypatch.setattr(tracker.client, "log_batch", applied_then_lost)
+    tracker.log_metrics({"x": 1.0}, step=1)
+    monkeypatch.setattr(tracker.client, "log_batch", real)
+    assert json.loads((tmp_path / "run" / PENDING_FILE).read_text())["attempts"] == 1
+    if blind:
+        monkeypatch.setattr(Tracker, "_applied_before", lambda self, record, run_id: False)
+    tracker._outage = False
+    assert tracker.flush()
+    rows = _metric_rows(uri, tracker.run_id, "x")
+    assert len(rows) == (2 if blind else 1)
+    if blind:
+        assert rows[0].timestamp != rows[1].timestamp  # visible, not silently merged
+
+
+def test_a_locked_sqlite_store_at_start_delays_the_run_never_stops_it(tmp_path, caplog):
+    import logging
+    import sqlite3
+
+    cfg = compose_pretrain("experiment=smoke", "epochs=1", "eval.knn.final=false",
+                           "log_every_steps=0", f"output_root={tmp_path}", "dag=none")
+    uri = resolve_uri(None, tmp_path)
+    prepare_experiment(uri, "caco", tmp_path / "mlartifacts")  # the database exists
+    lock = sqlite3.connect(tmp_path / "mlflow.db", timeout=0, isolation_level=None,
+                           check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")  # another process holds the store
+
+    class ReleaseOnWarning(logging.Handler):  # the other process lets go right after
+        def emit(self, record):
+            if "unavailable at start" in record.getMessage() and lock.in_transaction:
+                lock.execute("COMMIT")
+
+    handler = ReleaseOnWarning()
+    logging.getLogger("caco.train").addHandler(handler)
+    run_dir = tmp_path / "runs" / "locked"
+    try:
+        with caplog.at_level(logging.WARNING):
+            summary = Pretrainer(cfg, run_dir).run()
+    finally:
+        logging.getLogger("caco.train").removeHandler(handler)
+        lock.close()
+    assert summary["status"] == "finished"
+    assert "unavailable at start" in caplog.text and "database is locked" in caplog.text
+    assert not (run_dir / PENDING_FILE).exists()  # delivered once the lock was gone
+    info = json.loads((run_dir / "tracking.json").read_text())
+    assert [(m.step, 1) for m in _metric_rows(uri, info["run_id"], "train/loss")] == [(1, 1)]

@@ -13,7 +13,6 @@ import tempfile
 
 import pytest
 from helpers import ROOT, run_cli
-from mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -47,25 +46,23 @@ def render(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tracked_sweep(tmp_path_factory):
+def tracked_sweep(tmp_path_factory, mlflow_server):
+    """A two-point sweep logging to the session's server, in an experiment of its own."""
     root = tmp_path_factory.mktemp("ui")
-    server = MlflowServer(root / "server")
-    server.start()
-    try:
-        proc = run_cli("pretrain.py", "-m", "experiment=smoke", "dag=smoke", "tracking=server",
-                       f"tracking.uri={server.uri}", f"output_root={root}", "epochs=1",
-                       "seed=0,1", "~dag.nodes.linear", "dag.nodes.report.needs=[knn]",
-                       "data.train_subset=128", "hydra.sweep.subdir=${hydra.job.num}_seed${seed}",
-                       timeout=900)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield {"server": server, "root": root}
-    finally:
-        server.stop()
+    server = mlflow_server
+    proc = run_cli("pretrain.py", "-m", "experiment=smoke", "dag=smoke", "tracking=server",
+                   f"tracking.uri={server.uri}", "tracking.experiment=ui",
+                   f"output_root={root}", "epochs=1",
+                   "seed=0,1", "~dag.nodes.linear", "dag.nodes.report.needs=[knn]",
+                   "data.train_subset=128", "hydra.sweep.subdir=${hydra.job.num}_seed${seed}",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"server": server, "root": root}
 
 
 def test_runs_and_their_evaluation_metrics_render_in_the_mlflow_ui(tracked_sweep):
     server = tracked_sweep["server"]
-    cmp = run_cli("compare.py", "--tracking-uri", server.uri)
+    cmp = run_cli("compare.py", "--tracking-uri", server.uri, "--experiment", "ui")
     assert cmp.returncode == 0, cmp.stderr
     lines = cmp.stdout.splitlines()
     assert "eval/knn_top1" in lines[0] and len([x for x in lines if "FINISHED" in x]) == 2

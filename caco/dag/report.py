@@ -34,7 +34,19 @@ def _slurm_finals(entries: list[dict[str, Any]]) -> dict[str, str]:
             if job in waiting and row.get("name") == waiting[job]}
 
 
+def _deliver_tracking(run_dir: str, epoch: int) -> None:
+    """The checkpoint's nodes have ended: send what they buffered during a tracking outage
+    and could not send themselves (best effort; sync_tracking.py does the rest)."""
+    import contextlib
+
+    from caco.tracking import sync
+
+    with contextlib.suppress(FileNotFoundError):  # tracking disabled
+        sync(run_dir, epoch=epoch, trainer=False)
+
+
 def report(run_dir: str, epoch: int, exclude: str = "report") -> dict[str, Any]:
+    _deliver_tracking(run_dir, epoch)
     ledger = EvalLedger(run_dir)
     rows = []
     entries = [e for e in ledger.entries() if e["epoch"] == epoch and e["node"] != exclude]

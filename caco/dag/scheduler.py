@@ -276,6 +276,21 @@ class DagScheduler:
             log.info("waiting for %d local evaluation job(s) to finish", pending)
             if not self.executor.wait(timeout):
                 log.warning("local evaluations still running after %.0f s", timeout)
+        self.deliver_tracking()
+
+    def deliver_tracking(self, epoch: int | None = None) -> None:
+        """Send what evaluation nodes buffered during a tracking outage and could not send
+        themselves before they ended (best effort: what stays pending waits for the next
+        try or ``sync_tracking.py``)."""
+        from caco.tracking import sync
+
+        try:
+            left = sync(self.run_dir, epoch=epoch, trainer=False)
+        except FileNotFoundError:
+            return  # tracking disabled
+        if left:
+            log.warning("%d tracking record(s) of evaluations still pending; `python "
+                        "launch/sync_tracking.py %s` sends them", left, self.run_dir)
 
     def interrupt(self) -> None:
         """Ctrl-C: stop local evaluations cleanly (recorded CANCELLED, run again later)."""
