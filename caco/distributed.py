@@ -42,6 +42,15 @@ def in_submitit_job() -> bool:
         return False
 
 
+def rendezvous_port(job_id: str) -> int:
+    """The job's rendezvous port, the same on every task: below Linux's ephemeral range
+    (32768+), where submitit's own choice (20000-60000) can collide with a connection's
+    local port and fail the job with EADDRINUSE."""
+    import zlib
+
+    return 20000 + zlib.crc32(str(job_id).encode()) % 12000
+
+
 def init_distributed(cfg: DictConfig) -> tuple[int, int]:
     """Start the process group when the job has several tasks; returns (rank, world)."""
     if dist.is_available() and dist.is_initialized():
@@ -50,6 +59,8 @@ def init_distributed(cfg: DictConfig) -> tuple[int, int]:
         import submitit
 
         env = submitit.helpers.TorchDistributedEnvironment()
+        if "MASTER_PORT" not in os.environ:
+            env.master_port = rendezvous_port(submitit.JobEnvironment().job_id)
         env.export(set_cuda_visible_devices=False)
         rank, world, local_rank = env.rank, env.world_size, env.local_rank
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun

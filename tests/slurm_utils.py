@@ -41,3 +41,26 @@ def job_ids_from(output: str) -> list[str]:
 
 def logs_from(output: str) -> list[Path]:
     return [Path(p) for p in re.findall(r", log (\S+)", output)]
+
+
+def task_pid(job: str, procid: int) -> int | None:
+    """The pid of a job's task (rank) on this machine."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={procid}".encode() in env
+                and b"submitit" in cmd):
+            return int(proc.name)
+    return None
+
+
+def keys_in_sacct(key: str) -> list[str]:
+    """Job ids sacct holds under this name (an idempotency key must name exactly one)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName", "-S", "2000-01-01",
+                          "--name", key], capture_output=True, text=True, timeout=30).stdout
+    return [line.split("|")[0] for line in out.splitlines() if line.endswith("|" + key)]

@@ -13,7 +13,14 @@ import pytest
 import torch
 from emulation import emulate_run
 from helpers import assert_same_weights, compose_pretrain, model_state, run_cli
-from slurm_utils import job_ids_from, logs_from, require_cluster, sacct_states, wait_for_jobs
+from slurm_utils import (
+    job_ids_from,
+    logs_from,
+    require_cluster,
+    sacct_states,
+    task_pid,
+    wait_for_jobs,
+)
 
 from caco.dag.ledger import EvalLedger
 from caco.slurm_accounting import job_history
@@ -267,21 +274,6 @@ def test_usr2_preemption_and_plain_requeue_resume_to_identical_weights(sweep, tm
         print(mode, "ok")
 
 
-def _task_pid(job: str, procid: int) -> int | None:
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={procid}".encode() in env
-                and b"submitit" in cmd):
-            return int(proc.name)
-    return None
-
-
 def test_a_dead_rank_ends_the_job_instead_of_hanging(cluster, tmp_path):
     ids, logs, _ = _submit(tmp_path, "epochs=50", "cluster.tasks_per_node=2",
                            "cluster.max_num_timeout=0", "eval.knn.final=false")
@@ -291,7 +283,7 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(cluster, tmp_path):
                   for p in logs[0].parent.glob("*_log.*")):
         assert time.time() < deadline, f"job {job} did not reach epoch 1; logs {logs}"
         time.sleep(0.2)
-    pid = _task_pid(job, 1)
+    pid = task_pid(job, 1)
     assert pid is not None, "rank 1's process not found"
     import os
     import signal

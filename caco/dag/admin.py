@@ -255,7 +255,6 @@ def _needs_retry(entry: dict[str, Any], rows: dict | None) -> bool:
 def retry(run_dir: str | Path, overrides: list[str] | None = None, *,
           wait: bool = True) -> list[dict[str, Any]]:
     """Resubmit every node that did not complete (and its checkpoint's report)."""
-    from caco.dag.executors import LookupUnavailable
     from caco.dag.scheduler import DagScheduler
 
     run_dir = _run_dir(run_dir)
@@ -266,39 +265,32 @@ def retry(run_dir: str | Path, overrides: list[str] | None = None, *,
     entries = ledger.entries()
     rows = _slurm_rows([e.get("job_id") for e in entries])
     failed = [e for e in entries if _needs_retry(e, rows)]
-    for e in [e for e in entries if e["state"] == "SUBMITTING"]:
-        with ledger.submission_lock():  # nobody is submitting it now: its submitter died
-            now = ledger.get(e["epoch"], e["node"])
-            if now is None or now["state"] != "SUBMITTING":
-                continue
-            try:
-                found = scheduler.executor.lookup(now["key"])
-            except LookupUnavailable as err:
-                log.warning("evaluation %s of epoch %d: cannot ask SLURM whether it was "
-                            "submitted (%s); left as it is", e["node"], e["epoch"], err)
-                continue
-            if found is not None:
-                ledger.update(e["epoch"], e["node"], state="SUBMITTED", job_id=found,
-                              backend=scheduler.executor.kind)
-                log.info("evaluation %s of epoch %d had been submitted as job %s",
-                         e["node"], e["epoch"], found)
-            else:
-                failed.append(now)
-    if not failed:
-        log.info("nothing to retry in %s", run_dir)
-        return []
     epochs = sorted({e["epoch"] for e in failed})
     for e in failed:
         ledger.reset(e["epoch"], e["node"])
+    superseded = []
     for epoch in epochs:
         for e in ledger.entries():
             spec = scheduler.specs.get(e["node"])
             if e["epoch"] == epoch and spec is not None and spec.evaluator == "report":
                 ledger.reset(epoch, e["node"])
+                if e["state"] in ACTIVE and str(e.get("job_id") or "")[:1].isdigit():
+                    superseded.append(str(e["job_id"]))  # it would report the old round
+    if superseded:
+        import subprocess
+
+        subprocess.run(["scancel", *superseded], capture_output=True, timeout=60)
     submitted = []
     for epoch in epochs:
         checkpoint = next(e["checkpoint"] for e in failed if e["epoch"] == epoch)
         submitted += scheduler.schedule(checkpoint, epoch)
+    # Stranded submissions (SUBMITTING: found by key, or submitted now) and nodes of
+    # milestones on disk that were never claimed (a scheduler killed half-way).
+    submitted += scheduler.catch_up()
+    if not submitted:
+        log.info("nothing to retry in %s", run_dir)
+        scheduler.close(wait=False)
+        return []
     if overrides:
         for e in submitted:
             ledger.update(e["epoch"], e["node"], overrides=list(overrides))

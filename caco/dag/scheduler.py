@@ -253,17 +253,19 @@ class DagScheduler:
             self.ledger.reset(e["epoch"], e["node"])
         return gone
 
-    def catch_up(self) -> None:
-        """Schedule milestone checkpoints on disk that the ledger has not seen (or only half),
-        and local evaluations an interrupted trainer left behind."""
+    def catch_up(self) -> list[dict]:
+        """Schedule what the milestone checkpoints on disk are missing: nodes the ledger has
+        not seen (or only half: SUBMITTING), and local evaluations an interrupted trainer
+        left behind. Returns the entries submitted now."""
         self._caught_up = True
         if self.executor.kind == "local":
             self.recover_local()
-        ckpts = sorted((self.run_dir / "checkpoints").glob("epoch_*.pt"))
-        for path in ckpts:
+        done = []
+        for path in sorted((self.run_dir / "checkpoints").glob("epoch_*.pt")):
             m = _MILESTONE.search(path.name)
             if m:
-                self.schedule(str(path), int(m.group(1)))
+                done += self.schedule(str(path), int(m.group(1)))
+        return done
 
     # ------------------------------------------------------------------ end of training
     def close(self, wait: bool = True, timeout: float | None = None) -> None:

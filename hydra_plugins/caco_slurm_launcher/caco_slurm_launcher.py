@@ -138,15 +138,26 @@ class CacoSlurmLauncher(SlurmLauncher):
                 "run_dir": str(sweep_dir / subdir)}
 
     def _check(self, points: list[dict[str, Any]]) -> None:
-        if not self.preflight:
-            return
-        module, _, name = self.preflight.rpartition(".")
-        check = getattr(importlib.import_module(module), name)
         from caco.cli import user_message
         from caco.errors import CacoError
 
+        check = None
+        if self.preflight:
+            module, _, name = self.preflight.rpartition(".")
+            check = getattr(importlib.import_module(module), name)
         problems: dict[str, list[int]] = {}
         for p in points:
+            longest = max(Path(p["run_dir"]).parts, key=lambda part: len(part.encode()))
+            if len(longest.encode()) > 255:  # the job would die creating it
+                problems.setdefault(
+                    f"its run directory name is {len(longest.encode())} characters long (a "
+                    "file name may have 255): name sweep points by number with "
+                    "hydra.sweep.subdir='${hydra.job.num}', or leave long overrides out of "
+                    "the name with hydra.job.config.override_dirname.exclude_keys",
+                    []).append(p["num"])
+                continue
+            if check is None:
+                continue
             try:
                 check(p["cfg"])
             except CacoError as e:
