@@ -80,6 +80,8 @@ def pretrain_main(cfg: DictConfig) -> dict:
         guard = PreemptionGuard() if in_submitit_job() else None
         stop = {"should_stop": guard.should_stop} if guard is not None else {}
         scheduler = _dag_scheduler(cfg, run_dir)
+        if guard is not None and scheduler is not None:
+            guard.on_terminate(scheduler.stop_submitting)
         trainer = Pretrainer(cfg, run_dir, milestone_hooks=[scheduler] if scheduler else [],
                              **stop)
         summary = trainer.run()

@@ -107,6 +107,20 @@ class PreemptionGuard:
         self.requested = False
         self._previous = signal.getsignal(sig)
         signal.signal(sig, self._on_signal)
+        self._on_terminate: list = []
+        self._previous_term = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_terminate(self, callback) -> None:
+        """Call ``callback()`` when SLURM starts ending the job (SIGTERM: scancel, a time
+        limit, the end of a requeue): e.g. stop submitting new work it would orphan."""
+        self._on_terminate.append(callback)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        for callback in self._on_terminate:
+            callback()
+        if callable(self._previous_term):  # submitit's own handler (it logs and goes on)
+            self._previous_term(signum, frame)
 
     def _on_signal(self, signum, frame) -> None:
         if not self.requested:

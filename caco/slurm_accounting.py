@@ -19,13 +19,30 @@ class SlurmUnavailable(RuntimeError):
     """sacct could not be run or did not answer."""
 
 
+def run_command(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a SLURM client command; past ``timeout`` it and anything it started are killed
+    (raises SlurmUnavailable), so a hung controller never hangs the caller."""
+    import os
+    import signal
+
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    except OSError as e:
+        raise SlurmUnavailable(f"{cmd[0]}: {e}") from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise SlurmUnavailable(f"{cmd[0]} did not answer within {timeout:g} s") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _sacct(args: list[str], timeout: float) -> str:
     cmd = ["sacct", "-n", "-X", "-P", "-o",
            "JobID,JobName,State,Submit,Start,End,ElapsedRaw,NodeList", *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SlurmUnavailable(f"sacct: {e}") from None
+    proc = run_command(cmd, timeout)
     if proc.returncode != 0:
         raise SlurmUnavailable(f"sacct: {proc.stderr.strip() or proc.returncode}")
     return proc.stdout
@@ -54,7 +71,7 @@ def job_state(job_id: str) -> str:
     return rows[-1]["state"] if rows else "UNKNOWN"
 
 
-def latest_rows(job_ids: list[str], timeout: float = 8) -> dict[str, dict[str, str]]:
+def latest_rows(job_ids: list[str], timeout: float = 5) -> dict[str, dict[str, str]]:
     """The latest sacct row of each job, in one call (raises SlurmUnavailable)."""
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:

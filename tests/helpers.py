@@ -20,8 +20,8 @@ def compose_pretrain(*overrides: str):
 
 
 def run_cli(script: str, *args: str, timeout: float = 600, cwd: Path | None = None,
-            **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(ROOT / "launch" / script), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT,

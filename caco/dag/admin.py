@@ -136,12 +136,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------- status
-def status_rows(run_dir: str | Path, rows: dict | None = None) -> list[dict[str, Any]]:
+_ASK = object()
+
+
+def status_rows(run_dir: str | Path, rows: Any = _ASK) -> list[dict[str, Any]]:
+    """One row per checkpoint x node; ``rows`` are sacct's (None: SLURM did not answer)."""
     from caco.dag.scheduler import local_node_gone
 
     run_dir = _run_dir(run_dir)
     entries = EvalLedger(run_dir).entries()
-    if rows is None:
+    if rows is _ASK:
         rows = _slurm_rows([e.get("job_id") for e in entries])
     out = []
     for e in entries:
@@ -330,10 +334,12 @@ def retry_pretraining(path: str | Path) -> list[tuple[int, str, str]]:
 
 
 # ---------------------------------------------------------------------------------- cancel
-def cancel(path: str | Path, *, wait_s: float = 60.0) -> dict[str, list[str]]:
-    """Cancel the pretraining jobs and every evaluation still queued or running."""
-    import subprocess
+def cancel(path: str | Path, *, wait_s: float = 90.0) -> dict[str, list[str]]:
+    """Cancel the pretraining jobs and every evaluation still queued or running.
 
+    The trainers go first (and are waited for): until it ends, a trainer may still schedule
+    evaluations of its newest checkpoint.
+    """
     from caco import sweep
 
     runs, sweep_dir = run_dirs(path)
@@ -350,29 +356,36 @@ def cancel(path: str | Path, *, wait_s: float = 60.0) -> dict[str, list[str]]:
             lease = _read_json(r / "lease.json") or {}
             if lease.get("slurm_job_id") and not lease.get("released"):
                 slurm_jobs.append(str(lease["slurm_job_id"]))
-            elif not lease.get("released"):
+            elif lease and not lease.get("released"):
                 local.append((r, lease))
+    rows = _slurm_rows(slurm_jobs) or {}
+    live = [j for j in slurm_jobs if (rows.get(j) or {}).get("state") not in SLURM_FINAL]
+    _scancel(live)
+    for r, lease in local:
+        _interrupt_local_trainer(r, lease)
+    ended = _wait_ended(live, wait_s) or {}
     nodes = [(r, e) for r in runs if (r / "config.yaml").exists()
              for e in EvalLedger(r).entries() if e["state"] in ACTIVE]
     node_jobs = [str(e["job_id"]) for _, e in nodes if str(e.get("job_id") or "")[:1].isdigit()]
-    rows = _slurm_rows(slurm_jobs) or {}
-    live = [j for j in slurm_jobs if (rows.get(j) or {}).get("state") not in SLURM_FINAL]
-    if live or node_jobs:
-        proc = subprocess.run(["scancel", *live, *node_jobs], capture_output=True, text=True,
-                              timeout=60)
-        if proc.returncode != 0:
-            raise ConfigError(f"scancel failed: {proc.stderr.strip()}")
-    for r, lease in local:
-        _interrupt_local_trainer(r, lease)
-    ended = _wait_ended(live + node_jobs, wait_s)
+    _scancel(node_jobs)
+    ended.update(_wait_ended(node_jobs, wait_s) or {})
     for r, e in nodes:
         _close_node(r, e, ended)
     for r in runs:
-        if r in points and points[r]["job_id"] in live:
-            state = (ended or {}).get(str(points[r]["job_id"]), "CANCELLED")
-            if state != "COMPLETED":
-                _close_run(r, "KILLED")
+        if r in points and str(points[r]["job_id"]) in live and \
+                ended.get(str(points[r]["job_id"])) != "COMPLETED":
+            _close_run(r, "KILLED")
     return {"pretraining": live + [str(r) for r, _ in local], "evaluations": node_jobs}
+
+
+def _scancel(job_ids: list[str]) -> None:
+    import subprocess
+
+    if not job_ids:
+        return
+    proc = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise ConfigError(f"scancel failed: {proc.stderr.strip()}")
 
 
 def _interrupt_local_trainer(run_dir: Path, lease: dict) -> None:
@@ -387,16 +400,23 @@ def _interrupt_local_trainer(run_dir: Path, lease: dict) -> None:
 
 
 def _wait_ended(job_ids: list[str], wait_s: float) -> dict[str, str] | None:
+    """Wait until the jobs' processes are gone (squeue lists a cancelled job as COMPLETING
+    until then: accounting says CANCELLED at once), then their final states."""
+    from caco.slurm_accounting import SlurmUnavailable, run_command
+
     deadline = time.monotonic() + wait_s
-    while job_ids:
-        rows = _slurm_rows(job_ids)
-        if rows is None:
-            return None
-        states = {j: (rows.get(j) or {}).get("state", "UNKNOWN") for j in job_ids}
-        if all(s in SLURM_FINAL for s in states.values()) or time.monotonic() > deadline:
-            return states
+    while job_ids and time.monotonic() < deadline:
+        try:
+            proc = run_command(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], 10)
+        except SlurmUnavailable:
+            break
+        if proc.returncode == 0 and not proc.stdout.split():
+            break
         time.sleep(1)
-    return {}
+    rows = _slurm_rows(job_ids)
+    if rows is None:
+        return None
+    return {j: (rows.get(j) or {}).get("state", "UNKNOWN") for j in job_ids}
 
 
 def _close_node(run_dir: Path, entry: dict, ended: dict | None) -> None:

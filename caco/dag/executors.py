@@ -210,13 +210,15 @@ class SlurmExecutor:
 
     def lookup(self, key: str) -> str | None:
         """The id of a job already submitted under ``key`` (pending, running or ended)."""
+        from caco.slurm_accounting import SlurmUnavailable, run_command
+
         for cmd in (["squeue", "-h", "-o", "%i", "--name", key],
                     ["sacct", "-n", "-X", "-P", "-o", "JobID,JobName", "-S", "2000-01-01",
                      "--name", key]):
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise LookupUnavailable(f"{cmd[0]} failed: {e}") from None
+                proc = run_command(cmd, 30)
+            except SlurmUnavailable as e:
+                raise LookupUnavailable(str(e)) from None
             if proc.returncode != 0:
                 raise LookupUnavailable(f"{cmd[0]} failed: {proc.stderr.strip()}")
             ids = []

@@ -108,6 +108,7 @@ class DagScheduler:
         self.retries = int(cfg.dag.get("retries", 2))
         self._worker = Worker(self._handle, "caco-dag")
         self._caught_up = False
+        self._stopped = False  # the job is being ended: submit nothing more
         self.latencies: list[float] = []  # checkpoint written -> all its nodes submitted
         self.hook_seconds = 0.0  # time the training thread spent in this hook
 
@@ -173,6 +174,10 @@ class DagScheduler:
         plan = plan_checkpoint(self.specs, epoch, int(self.cfg.epochs), is_milestone=True)
         done = []
         for spec in plan:
+            if self._stopped:
+                log.warning("the job is ending: evaluations of epoch %d not submitted (its "
+                            "next start or `dag.py retry` submits them)", epoch)
+                break
             with self.ledger.submission_lock():
                 entry = self.ledger.claim(epoch, spec.name, checkpoint)
                 if entry is None:
@@ -293,6 +298,11 @@ class DagScheduler:
         if left:
             log.warning("%d tracking record(s) of evaluations still pending; `python "
                         "launch/sync_tracking.py %s` sends them", left, self.run_dir)
+
+    def stop_submitting(self) -> None:
+        """The job is being ended (SIGTERM): what is not submitted yet is left to the next
+        incarnation's catch-up or ``dag.py retry`` instead of orphaned jobs."""
+        self._stopped = True
 
     def interrupt(self) -> None:
         """Ctrl-C: stop local evaluations cleanly (recorded CANCELLED, run again later)."""

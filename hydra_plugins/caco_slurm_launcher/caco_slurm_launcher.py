@@ -213,8 +213,8 @@ class CacoSlurmLauncher(SlurmLauncher):
                     jobs[p["num"]] = job
                     self._submitted.append(str(job.job_id))
         except _Refused as e:
-            self._cancel_submitted()
             log.error("%s", e)
+            self._cancel_submitted()
             _remove_if_unused(sweep_dir)
             sys.exit(2)
         from caco.sweep import record

@@ -1,0 +1,95 @@
+"""The local SLURM cluster is safe to run as root: it stops only what it started, listens on
+loopback only, keeps its secrets private and never hands out a job id twice."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+from slurm_utils import require_cluster
+
+pytestmark = pytest.mark.slurm
+STATE = Path(os.environ.get("CACO_SLURM_STATE", "/var/tmp/caco-slurm"))
+
+
+def _listening() -> list[tuple[str, int, int]]:
+    """(address, port, inode) of every listening TCP socket (IPv4 and IPv6)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            if len(addr) == 8:
+                ip = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            else:
+                ip = "::" if set(addr) == {"0"} else addr
+            out.append((ip, int(port, 16), int(fields[9])))
+    return out
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def test_every_daemon_listens_on_loopback_only():
+    require_cluster()
+    listening = _listening()
+    for name in ("mariadbd", "slurmdbd", "slurmctld", "slurmd"):
+        pid = int((STATE / "run" / f"{name}.pid").read_text())
+        mine = [(ip, port) for ip, port, inode in listening if inode in _socket_inodes(pid)]
+        assert mine, f"{name} listens nowhere?"
+        assert all(ip.startswith("127.") for ip, _ in mine), (name, mine)
+
+
+def test_secrets_are_private_and_not_from_the_repository():
+    require_cluster()
+    secret = STATE / "secrets" / "db_password"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert stat.S_IMODE((STATE / "etc" / "slurmdbd.conf").stat().st_mode) == 0o600
+    assert stat.S_IMODE(Path("/etc/munge/munge.key").stat().st_mode) == 0o400
+    password = secret.read_text().strip()
+    assert len(password) >= 16
+    assert password not in (ROOT / "launch" / "local_slurm.sh").read_text()
+
+
+def test_job_ids_continue_above_every_id_handed_out_before():
+    require_cluster()
+    conf = (STATE / "etc" / "slurm.conf").read_text()
+    first = int(next(x for x in conf.splitlines() if x.startswith("FirstJobId=")).split("=")[1])
+    assert first > int((STATE / "last_job_id").read_text())
+    out = subprocess.run(["sbatch", "--parsable", "--wrap", "true"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip().split(";")[0]) >= first
+
+
+def test_stop_kills_only_what_it_started(tmp_path):
+    """A stale PID file naming some other process: stop leaves that process alone."""
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        (state / "run" / "slurmctld.pid").write_text(str(bystander.pid))
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "stop"],
+                              env={**os.environ, "CACO_SLURM_STATE": str(state)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"not stopping pid {bystander.pid}: it is not slurmctld" in proc.stdout
+        assert bystander.poll() is None  # still alive
+    finally:
+        bystander.kill()
+        bystander.wait()
