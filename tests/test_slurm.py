@@ -70,6 +70,12 @@ def test_sweep_submits_one_job_per_point_and_returns(sweep):
     # The launcher returned while the jobs were still queued or running.
     assert any(s in ("PENDING", "RUNNING") for s in sweep["at_return"].values()), sweep
     assert set(sweep["states"].values()) == {"COMPLETED"}, (sweep["states"], sweep["logs"])
+    # COMPLETED must mean "trained to the end" (a crash once ended COMPLETED too): the trainer
+    # logged its last line and nothing raised.
+    for out in sweep["logs"]:
+        err = out.with_name(out.name.replace("_log.out", "_log.err"))
+        assert "run directory: " in out.read_text(), out
+        assert "Traceback" not in err.read_text(), err
 
 
 def test_sweep_points_have_their_checkpoints_and_mlflow_runs(sweep):
