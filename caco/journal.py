@@ -9,16 +9,14 @@ a kill) is set aside in ``<name>.torn`` with a warning instead of blocking what 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from caco.fileio import atomic_write_text
+from caco.fileio import atomic_write_text, exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +27,13 @@ class Journal:
         self._lock_path = self.path.with_name(f".{self.path.name}.lock")
         self._deliver_path = self.path.with_name(f".{self.path.name}.deliver.lock")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return exclusive_lock(self._lock_path)
 
-    @contextlib.contextmanager
-    def delivery(self) -> Iterator[bool]:
-        """True when this process may deliver now (no other process is delivering)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._deliver_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def delivery(self):
+        """A context that yields True when this process may deliver now (no other process
+        is delivering)."""
+        return exclusive_lock(self._deliver_path, wait=False)
 
     def _read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -20,19 +20,17 @@ and refuses to write anything more (:attr:`RunLease.lost`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from caco.errors import CacoError
-from caco.fileio import atomic_write_text
+from caco.fileio import atomic_write_text, exclusive_lock
 from caco.processes import alive, identity
 
 log = logging.getLogger(__name__)
@@ -76,14 +74,8 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return exclusive_lock(self._lock_path)
 
     def holder(self) -> dict[str, Any] | None:
         try:

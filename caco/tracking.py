@@ -488,6 +488,11 @@ def sync(run_dir: str | os.PathLike, *, epoch: int | None = None, trainer: bool 
     info = read_run_file(run_dir)
     if info is None:
         raise FileNotFoundError(f"{Path(run_dir) / RUN_FILE} not found: not a pretraining run dir")
+    config = Path(run_dir) / "config.yaml"
+    if config.exists():  # the run's credentials file, if it names one
+        from omegaconf import OmegaConf
+
+        use_credentials(OmegaConf.load(config).get("tracking") or {})
     writers = [Tracker(info["uri"], info.get("experiment_id"), run_dir,
                        experiment=info.get("experiment"),
                        artifact_root=info.get("artifact_root"), retry_interval_s=0)

@@ -1,7 +1,10 @@
 """Send a run's buffered tracking records: ``python launch/sync_tracking.py <run_dir>``.
 
-Records are buffered in ``<run_dir>/tracking-pending.jsonl`` while the MLflow backend is
-unreachable; training sends them itself once it is back, this command does it afterwards.
+Records are buffered while the MLflow backend is unreachable, by the trainer
+(``<run_dir>/tracking-pending.jsonl``) and by each evaluation node
+(``<run_dir>/evals/e<epoch>/<node>/tracking/``); they send them themselves once it is back,
+this command sends whatever is left, the trainer's first. Credentials come from the
+environment or the run's ``tracking.credentials_file``.
 """
 
 import argparse
@@ -16,9 +19,11 @@ def main() -> int:
     parser.add_argument("run_dir", help="a pretraining run directory (holds tracking.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from caco.errors import CacoError
+
     try:
         left = sync(args.run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CacoError) as e:
         logging.error("%s", e)
         return 2
     logging.info("%s", "all records sent" if left == 0 else f"{left} records still pending")

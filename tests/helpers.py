@@ -36,3 +36,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def clean_failure(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """A refusal as users must see it: the exit code, every needle, and no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, out
+    return out

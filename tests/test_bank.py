@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import bank_surrogate
+from tiny import bank_surrogate
 
 from caco.bank import MemoryBank, positive_labels, view_bank_gradient
 

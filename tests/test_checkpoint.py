@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_caco
+from tiny import tiny_caco
 
 from caco.checkpoint import CheckpointError, load_reference_checkpoint, read_checkpoint
 from caco.optim import LARS

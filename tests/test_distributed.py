@@ -8,8 +8,8 @@ import multiprocessing as mp
 
 import torch
 import torch.distributed as dist
-from conftest import tiny_caco
 from emulation import emulated_ddp_step
+from tiny import tiny_caco
 
 from caco.optim import LARS
 from caco.step import caco_step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_caco
+from tiny import tiny_caco
 from torch.utils.data import DataLoader
 
 from caco.data.fashion_mnist import FashionMNIST

@@ -9,7 +9,15 @@ import sys
 import time
 
 import pytest
-from helpers import CONFIGS, ROOT, assert_same_weights, compose_pretrain, model_state, run_cli
+from helpers import (
+    CONFIGS,
+    ROOT,
+    assert_same_weights,
+    clean_failure,
+    compose_pretrain,
+    model_state,
+    run_cli,
+)
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -18,15 +26,6 @@ from caco.schedules import Schedules
 from caco.train import build_model
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-
-
-def _clean_failure(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == code, out
-    assert "Traceback" not in out, out
-    for needle in needles:
-        assert needle in out, out
-    return out
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -96,7 +95,7 @@ def test_help_lists_the_config_groups():
     (("experiment=smoke", "device=cuda"), 2, ("device=cuda but no CUDA GPU",)),
 ])
 def test_bad_input_gives_one_clear_message(tmp_path, args, code, needles):
-    _clean_failure(run_cli("pretrain.py", f"output_root={tmp_path}", *args, timeout=300),
+    clean_failure(run_cli("pretrain.py", f"output_root={tmp_path}", *args, timeout=300),
                    code, *needles)
 
 
@@ -116,7 +115,7 @@ def test_unreadable_image_is_named(tmp_path):
                    "data.image_size=32", "data.eval_resize=32", "data.num_workers=1",
                    "batch_size=41", "model.bank_size=41", f"output_root={tmp_path}",
                    timeout=300)
-    _clean_failure(proc, 2, f"cannot read image {bad}")
+    clean_failure(proc, 2, f"cannot read image {bad}")
 
 
 def test_corrupt_checkpoint_is_refused_by_name(tmp_path):
@@ -125,7 +124,7 @@ def test_corrupt_checkpoint_is_refused_by_name(tmp_path):
     last.write_bytes(b"PK\x03\x04 torn write")
     proc = run_cli("pretrain.py", "experiment=smoke", "run_name=r1", f"output_root={tmp_path}",
                    timeout=300)
-    _clean_failure(proc, 2, f"checkpoint {last} is corrupt")
+    clean_failure(proc, 2, f"checkpoint {last} is corrupt")
 
 
 @pytest.mark.slow

@@ -11,17 +11,8 @@ import subprocess
 import threading
 
 import pytest
-from helpers import run_cli
+from helpers import clean_failure, run_cli
 from slurm_utils import require_cluster
-
-
-def _one_message(proc, code: int, *needles: str) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == code, out
-    assert "Traceback" not in out, out
-    for needle in needles:
-        assert needle in out, out
-    return out
 
 
 @pytest.mark.parametrize("multirun", [False, True])
@@ -30,7 +21,7 @@ def test_credentials_in_the_tracking_uri_are_refused_before_anything_is_written(
     args = (["-m", "cluster=slurm"] if multirun else []) + [
         "experiment=smoke", f"output_root={tmp_path}",
         "tracking.uri=http://alice:s3cret-pw@127.0.0.1:5999"]
-    out = _one_message(run_cli("pretrain.py", *args, timeout=120), 2,
+    out = clean_failure(run_cli("pretrain.py", *args, timeout=120), 2,
                        "carries credentials", "MLFLOW_TRACKING_USERNAME",
                        "tracking.credentials_file")
     assert "s3cret-pw" not in out
@@ -41,7 +32,7 @@ def test_a_credentials_file_others_can_read_is_refused(tmp_path):
     creds = tmp_path / "creds"
     creds.write_text("username=alice\npassword=pw\n")
     creds.chmod(0o644)
-    _one_message(run_cli("pretrain.py", "experiment=smoke", f"output_root={tmp_path}/out",
+    clean_failure(run_cli("pretrain.py", "experiment=smoke", f"output_root={tmp_path}/out",
                          f"tracking.credentials_file={creds}", timeout=120), 2,
                  f"tracking.credentials_file={creds} can be read by others",
                  f"chmod 600 {creds}")
@@ -65,7 +56,7 @@ def test_a_server_that_refuses_the_credentials_stops_the_launch(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
-        _one_message(run_cli("pretrain.py", "experiment=smoke", f"output_root={tmp_path}",
+        clean_failure(run_cli("pretrain.py", "experiment=smoke", f"output_root={tmp_path}",
                              f"tracking.uri={uri}", "tracking=server", timeout=120),
                      2, "refused the credentials", "MLFLOW_TRACKING_USERNAME")
     finally:
@@ -79,7 +70,7 @@ def test_cluster_slurm_without_slurm_says_so(tmp_path):
     empty.mkdir()
     proc = run_cli("pretrain.py", "-m", "cluster=slurm", "experiment=smoke",
                    f"output_root={tmp_path}/out", timeout=120, env={"PATH": str(empty)})
-    _one_message(proc, 2, "cannot submit to SLURM from this machine", "cluster=local")
+    clean_failure(proc, 2, "cannot submit to SLURM from this machine", "cluster=local")
 
 
 # ---------------------------------------------------------------- on the real cluster
@@ -95,7 +86,7 @@ def test_the_users_command_without_data_root_is_refused_in_one_line(tmp_path):
     before = _job_count()
     proc = run_cli("pretrain.py", "-m", "cluster=slurm", "epochs=200,800",
                    f"output_root={tmp_path}", timeout=120)
-    _one_message(proc, 2, "every sweep point: data.root is not set", "experiment=demo",
+    clean_failure(proc, 2, "every sweep point: data.root is not set", "experiment=demo",
                  "nothing was submitted")
     assert _job_count() == before
     assert not (tmp_path / "sweeps").exists() or not any((tmp_path / "sweeps").iterdir())
@@ -113,7 +104,7 @@ def test_a_submission_slurm_refuses_is_one_message_with_the_key(tmp_path, overri
     before = _job_count()
     proc = run_cli("pretrain.py", "-m", "cluster=slurm", "experiment=smoke", "epochs=1,2",
                    f"output_root={tmp_path}", override, timeout=120)
-    out = _one_message(proc, 2, "SLURM refused", words, f"change {key}"
+    out = clean_failure(proc, 2, "SLURM refused", words, f"change {key}"
                        if key != "cluster.mem_gb" else key)
     assert out.count("sbatch: error") <= 2  # SLURM's words once, not printed again
     assert _job_count() == before
@@ -126,7 +117,7 @@ def test_a_sweep_is_submitted_whole_or_not_at_all(tmp_path):
     require_cluster()
     proc = run_cli("pretrain.py", "-m", "cluster=slurm", "experiment=smoke",
                    "cluster.gpus_per_node=0,8", f"output_root={tmp_path}", timeout=120)
-    out = _one_message(proc, 2, "cluster.gpus_per_node", "cancelled the 1 job(s) this sweep "
+    out = clean_failure(proc, 2, "cluster.gpus_per_node", "cancelled the 1 job(s) this sweep "
                        "had already submitted")
     job = re.search(r"already submitted \((\d+)", out).group(1)
     states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_caco
+from tiny import tiny_caco
 from torch import nn
 from torchvision.models import resnet18, resnet50
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import bank_surrogate, tiny_caco
+from tiny import bank_surrogate, tiny_caco
 
 from caco.optim import LARS
 from caco.step import caco_step, init_bank, loss_pairs

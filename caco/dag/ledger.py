@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from caco.errors import CacoError
-from caco.fileio import atomic_write_text
+from caco.fileio import atomic_write_text, exclusive_lock
 from caco.job_states import LEDGER_STATES
 
 LEDGER_FILE = "eval_ledger.json"
@@ -87,26 +87,16 @@ class EvalLedger:
     @contextlib.contextmanager
     def submission_lock(self) -> Iterator[None]:
         """Held from claiming a node to recording its submission (across processes)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._submit_lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self._submit_lock_path):
+            yield
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
         """Read-modify-write under an exclusive lock; the yielded dict is written back."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                data = self._read()
-                yield data
-                self._write(data)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self._lock_path):
+            data = self._read()
+            yield data
+            self._write(data)
 
     def _read(self) -> dict:
         if not self.path.exists():

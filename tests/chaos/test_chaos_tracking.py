@@ -38,6 +38,20 @@ def _epoch_done(run_dir: Path, epoch: int):
     return check
 
 
+def _run_while(tmp_path: Path, args: tuple[str, ...], during) -> str:
+    """Run the chaos recipe, call ``during(run_dir)`` while it trains; its output."""
+    proc = subprocess.Popen(pretrain_cmd(tmp_path, "run", *args), cwd=ROOT, env=chaos_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        during(tmp_path / "runs" / "run")
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    return out
+
+
 def _rows(client, run_id: str) -> Counter:
     """(metric, step) -> number of rows in the store."""
     run = client.get_run(run_id)
@@ -86,19 +100,14 @@ def test_backend_down_at_start_and_during_evaluations_then_back(tmp_path, tracki
     checkpoint's evaluations buffer; when it is back every writer delivers by itself."""
     run_dir = tmp_path / "runs" / "run"
     tracking_proxy.down()
-    proc = subprocess.Popen(pretrain_cmd(tmp_path, "run", *KNN_DAG,
-                                         *_tracked(tracking_proxy, "chaos-start")),
-                            cwd=ROOT, env=chaos_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def back_after_epoch_2(run_dir):
         _wait_for(_epoch_done(run_dir, 2), 300, "epoch 2")
         assert json.loads((run_dir / "tracking.json").read_text())["run_id"] is None
         tracking_proxy.up()
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
+
+    out = _run_while(tmp_path, (*KNN_DAG, *_tracked(tracking_proxy, "chaos-start")),
+                     back_after_epoch_2)
     assert "could not reach" in out and "unavailable at start" in out
     same_weights(run_dir, undisturbed)
     _check_exactly_once(mlflow_server.uri, run_dir)
@@ -111,16 +120,12 @@ def test_backend_gone_mid_run_a_torn_record_then_sync(tmp_path, tracking_proxy, 
     sync, which then delivers the rest exactly once."""
     run_dir = tmp_path / "runs" / "run"
     args = (*KNN_DAG, *_tracked(tracking_proxy, "chaos-mid"))
-    proc = subprocess.Popen(pretrain_cmd(tmp_path, "run", *args), cwd=ROOT, env=chaos_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def gone_after_epoch_1(run_dir):
         _wait_for(_epoch_done(run_dir, 1), 300, "epoch 1")
         tracking_proxy.down()
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
+
+    out = _run_while(tmp_path, args, gone_after_epoch_1)
     assert "buffering to" in out
     same_weights(run_dir, undisturbed)
     assert all(e["state"] == "COMPLETED" for e in ledger(run_dir).values())
