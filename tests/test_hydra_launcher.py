@@ -21,6 +21,18 @@ def _cluster():
     require_cluster()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_version_base():
+    """Hydra's version base is process-global: other modules compose with 1.3 (jobs keep the
+    launching directory), Hydra's suites expect a fresh process's default."""
+    from hydra import version
+
+    base = version.VersionBase.instance()
+    saved, base.version_base = base.version_base, version._UNSPECIFIED_
+    yield
+    base.version_base = saved
+
+
 @pytest.mark.parametrize(("launcher_name", "overrides"),
                          [("caco_slurm", ["hydra.launcher.wait=true", *RESOURCES])])
 class TestCacoSlurmLauncher(LauncherTestSuite):
