@@ -151,8 +151,9 @@ def prepare_data_main(cfg: DictConfig) -> list:
 
     with open_dict(cfg):
         cfg.output_root = os.path.abspath(str(cfg.output_root))
-    progress = cfg.get("progress", "auto")
-    show = sys.stderr.isatty() if progress == "auto" else bool(progress)
+    from caco.runtime import show_progress
+
+    show = show_progress(cfg.get("progress", "auto"))
     results = []
     try:
         require_ffcv()

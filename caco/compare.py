@@ -13,9 +13,26 @@ from urllib.parse import quote
 
 from caco.errors import ConfigError
 
-COLUMNS = ("eval/knn_top1", "eval/knn_top1_random_init", "eval/linear_top1",
-           "eval/linear_cached_top1", "eval/det_AP50", "eval/det_AP50_random_init",
-           "eval/dag_failed_nodes", "train/loss")
+LAST_COLUMNS = ("eval/dag_failed_nodes", "train/loss")
+
+
+def columns(runs: list) -> list[str]:
+    """The runs' evaluation metrics, in the order of their registry's headline metrics (each
+    run records ``eval.<name>.headline`` in its params), then any other eval/* metric."""
+    import ast
+
+    ordered: list[str] = []
+    for r in runs:
+        for key, value in r.data.params.items():
+            if key.startswith("eval.") and key.endswith(".headline"):
+                try:
+                    names = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    continue
+                ordered += [f"eval/{n}" for n in names if f"eval/{n}" not in ordered]
+    seen = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/")})
+    ordered += [k for k in seen if k not in ordered and k not in LAST_COLUMNS]
+    return [*ordered, *LAST_COLUMNS]
 
 
 def pretraining_runs(uri: str, experiment: str, *, sweep: str | None = None,
@@ -42,17 +59,14 @@ def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
     return f"{ui.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"
 
 
-def table(runs: list, columns: Sequence[str] = COLUMNS) -> str:
-    shown = [c for c in columns if any(c in r.data.metrics for r in runs)]
-    header = ["run", "status", "epochs", *shown]
-    rows: list[list[str]] = []
+def table(runs: list, wanted: Sequence[str] | None = None) -> str:
+    wanted = columns(runs) if wanted is None else wanted
+    shown = [c for c in wanted if any(c in r.data.metrics for r in runs)]
+    from caco.table import format_table
+
+    rows: list[list[Any]] = []
     for r in runs:
         cells: list[Any] = [r.info.run_name, r.info.status, r.data.params.get("epochs", "-")]
         cells += [f"{r.data.metrics[c]:.2f}" if c in r.data.metrics else "-" for c in shown]
-        rows.append([str(c) for c in cells])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+        rows.append(cells)
+    return format_table(["run", "status", "epochs", *shown], rows)

@@ -3,9 +3,9 @@
 The InstDisc/DINO protocol: L2-normalised features, cosine similarity, the k nearest training
 samples vote for their class with weight ``exp(sim / temperature)``. Similarities are computed
 in (test chunk x train chunk) blocks with a running top-k, so an ImageNet-sized memory
-(1.28M x 2048) never materialises a full similarity matrix. ``evals.knn`` exposes this as an
-evaluator; the trainer uses it directly as an in-loop monitor (``caco`` never imports
-``evals``).
+(1.28M x 2048) never materialises a full similarity matrix. The registered kNN evaluator
+exposes this as an evaluation; the in-loop monitor uses it directly (``caco`` never imports
+the evaluators).
 """
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ def check_pretrain(cfg: DictConfig) -> None:
 
     nodes = cfg.dag.get("nodes") if cfg.get("dag") is not None else None
     if nodes:
-        parse_dag(OmegaConf.to_container(nodes, resolve=True))
+        from caco.evaluators import registry
+
+        parse_dag(OmegaConf.to_container(nodes, resolve=True), registry(cfg))
     if cfg.get("tracking") is not None:
         check_settings(cfg.tracking)

@@ -25,6 +25,16 @@ class Runtime:
         return self.rank == 0
 
 
+def show_progress(setting: object = "auto") -> bool:
+    """Progress bars: ``auto`` shows them on an interactive terminal only (never in job logs),
+    ``true``/``false`` force them."""
+    if setting in ("auto", None):
+        import sys
+
+        return sys.stderr.isatty()
+    return bool(setting)
+
+
 def _auto_bool(value, default: bool, key: str) -> bool:
     if value == "auto":
         return default

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -38,7 +37,7 @@ from caco.errors import ConfigError, TrainingDiverged
 from caco.lease import LeaseHeld, RunLease
 from caco.model import CaCo, build_model
 from caco.optim import LARS, set_lr
-from caco.runtime import Runtime, resolve_runtime
+from caco.runtime import Runtime, resolve_runtime, show_progress
 from caco.schedules import Schedules
 from caco.step import caco_step, init_bank
 
@@ -113,9 +112,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _interactive(cfg: DictConfig) -> bool:
-    if cfg.get("progress", "auto") == "auto":
-        return sys.stderr.isatty()
-    return bool(cfg.progress)
+    return show_progress(cfg.get("progress", "auto"))
 
 
 class Pretrainer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -15,17 +14,15 @@ from caco.errors import CacoError
 
 log = logging.getLogger("evals")
 
-EVALUATORS = {"knn": "evals.knn", "linear": "evals.linear", "detection": "evals.detection"}
-
-
 def evaluate_main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
+    from caco.evaluators import get, load
+
     name = hc.runtime.choices["eval"]
-    module = importlib.import_module(EVALUATORS[name])
     try:
-        metrics = module.evaluate(cfg.checkpoint, cfg)
+        metrics = load(get(cfg, name)).evaluate(cfg.checkpoint, cfg)
     except CacoError as e:
         log.error("%s", user_message(e))
         sys.exit(2)

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from caco.errors import ConfigError, DataError
+from caco.runtime import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +239,9 @@ def coco_ap(model: nn.Module, val_ds, device: torch.device, batch_size: int = 8
 def transfer(encoder: nn.Module, train_ds, val_ds, d: DictConfig, device: torch.device,
              mean, std, seed: int = 0) -> dict[str, float]:
     """One fine-tuning run from ``encoder``: train, then COCO AP on the val split."""
-    import sys
 
     model = build_detector(encoder, d, len(train_ds.categories) + 1, mean, std)
-    train_detector(model, train_ds, d, device, seed=seed, progress=sys.stderr.isatty())
+    train_detector(model, train_ds, d, device, seed=seed, progress=show_progress())
     return coco_ap(model, val_ds, device)
 
 

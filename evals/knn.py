@@ -27,7 +27,8 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
     result = knn_accuracy(e.backbone, *loaders, k=k.k, temperature=k.temperature,
                           device=e.device)
     out = {"knn_top1": result["top1"], "knn_top5": result["top5"], "epoch": e.info["epoch"]}
-    if k.get("random_init_baseline"):
+    # Next to the run's final checkpoint only (a DAG node says which one it evaluates).
+    if k.get("random_init_baseline") and cfg.get("final_checkpoint", True):
         out.update(_random_init_baseline(e, loaders, k))
     return out
 

@@ -166,15 +166,13 @@ def format_table(rows: list[dict[str, Any]], width: int = 110) -> str:
     """Plain columns; a long result is cut to ``width`` characters (``--json`` has it all)."""
     if not rows:
         return "no evaluation nodes recorded yet"
+    from caco.table import format_table as table
+
     cells = [[str(r[c]) for c in COLUMNS] for r in rows]
     for row in cells:
         if len(row[-1]) > width:
             row[-1] = row[-1][:width - 3] + "..."
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
+    return table(COLUMNS, cells)
 
 
 def status(path: str | Path, *, as_json: bool = False) -> str:

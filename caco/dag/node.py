@@ -1,12 +1,14 @@
 """One evaluation node of one checkpoint, run where the executor put it (a local process or a
 SLURM job): ``python -m caco.dag.node <job.json>`` or ``NodeRunner()(job)`` through submitit.
 
-The node marks itself RUNNING in the ledger, runs its evaluator (``evals.<evaluator>``, a pure
-function of checkpoint + config) with up to ``retries`` attempts in-process, writes
+The node marks itself RUNNING in the ledger, runs its evaluator (the module the registry
+names, imported here only: a pure function of checkpoint + config; or the DAG's report
+roll-up) with up to ``retries`` attempts in-process, writes
 ``<run_dir>/evals/e<epoch>/<node>/metrics.json`` atomically, records COMPLETED or FAILED, and
 tracks the result in MLflow: a child run nested under the pretraining run (parent id passed
-explicitly), and the headline numbers on the parent as ``eval/<metric>`` with step = epoch
-(metrics only: the parent is never re-opened, that would flip its status while it trains).
+explicitly), and the headline numbers (the registry's) on the parent as ``eval/<metric>``
+with step = epoch (metrics only: the parent is never re-opened, that would flip its status
+while it trains).
 Tracking goes through the node's own buffered writer, so an outage delays it, never loses it.
 
 Every ledger write carries the node's key: a job superseded by ``dag.py retry`` records
@@ -17,7 +19,6 @@ node CANCELLED (interrupted) and its child run KILLED; the next launch runs it a
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -34,16 +35,6 @@ from caco.errors import CacoError
 from caco.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-# Metrics of each evaluator that also go on the parent run (eval/<name>, step = epoch).
-HEADLINE = {
-    "knn": ("knn_top1", "knn_top5", "knn_top1_random_init"),
-    "linear": ("linear_top1", "linear_top5", "linear_cached_top1", "linear_cached_top5"),
-    "detection": ("det_AP", "det_AP50", "det_AP75", "det_AP50_random_init",
-                  "det_AP50_supervised"),
-    "report": ("dag_failed_nodes",),
-}
-
 
 @dataclass
 class NodeJob:
@@ -63,6 +54,10 @@ class NodeJob:
     needs: list[str] = field(default_factory=list)
     tracking: dict[str, Any] | None = None  # uri, experiment(_id), parent_state, ...
     tasks: int = 1  # processes (one per GPU); the linear probe trains with DDP across them
+    module: str = ""  # the evaluator's module (from the registry; empty for report)
+    headline: list[str] = field(default_factory=list)  # metrics also logged on the parent
+    output_root: str = ""  # where shared evaluation data (e.g. generated scenes) lives
+    final: bool = True  # the run's final checkpoint (baselines are computed next to it)
 
     @property
     def out_dir(self) -> Path:
@@ -87,14 +82,16 @@ def _evaluate(job: NodeJob) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(int(job.threads))
-    if job.evaluator == "report":
+    if not job.module:  # the DAG's own roll-up
         from caco.dag.report import report
 
         return report(job.run_dir, job.epoch, exclude=job.node)
-    module = importlib.import_module(f"evals.{job.evaluator}")
+    from caco.evaluators import load
+
     cfg = OmegaConf.create({"eval": {job.evaluator: job.settings}, "data": job.data,
-                            "device": job.device})
-    return module.evaluate(job.checkpoint, cfg)
+                            "device": job.device, "output_root": job.output_root or None,
+                            "final_checkpoint": job.final})
+    return load(job.module).evaluate(job.checkpoint, cfg)
 
 
 def child_writer(run_dir: str | os.PathLike, epoch: int, node: str, key: str,
@@ -159,7 +156,7 @@ def _finish_child(tracker, job: NodeJob, metrics: dict[str, Any], status: str) -
     numbers = _numbers(metrics)
     if numbers:
         tracker.log_metrics(numbers, job.epoch)
-    headline = {f"eval/{k}": numbers[k] for k in HEADLINE.get(job.evaluator, ()) if k in numbers}
+    headline = {f"eval/{k}": numbers[k] for k in job.headline if k in numbers}
     if headline:
         tracker.log_metrics(headline, job.epoch, parent=True)
     tracker.end(status)

@@ -10,13 +10,13 @@ declare every evaluator and still roll up whatever ran. ``report`` waits with ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from caco.errors import ConfigError
 
-EVALUATORS = ("knn", "linear", "detection", "report")
+REPORT = "report"  # the DAG's own roll-up (caco.dag.report), not an evaluator
 WHEN = ("milestones", "final")
 
 
@@ -32,7 +32,7 @@ class NodeSpec:
 
     @property
     def dependency(self) -> str:
-        return "afterany" if self.evaluator == "report" else "afterok"
+        return "afterany" if self.evaluator == REPORT else "afterok"
 
     def runs_at(self, epoch: int, final_epoch: int, is_milestone: bool) -> bool:
         if self.when == "milestones" and (is_milestone or epoch == final_epoch):
@@ -42,15 +42,23 @@ class NodeSpec:
         return bool(self.every) and epoch % self.every == 0
 
 
-def parse_dag(nodes: Mapping[str, Mapping[str, Any]] | None) -> dict[str, NodeSpec]:
-    """Validate ``dag.nodes``; errors name the node and the key."""
+def parse_dag(nodes: Mapping[str, Mapping[str, Any]] | None,
+              evaluators: Iterable[str] | None = None) -> dict[str, NodeSpec]:
+    """Validate ``dag.nodes`` against the evaluator registry (``evaluators``: its names; by
+    default today's configs/eval/); errors name the node and the key."""
+    if evaluators is None:
+        from caco.evaluators import _defaults as defaults
+        from caco.evaluators import registry
+
+        evaluators = registry(defaults())
+    known = [*sorted(evaluators), REPORT]
     specs: dict[str, NodeSpec] = {}
     for name, raw in (nodes or {}).items():
         raw = dict(raw or {})
         evaluator = raw.get("evaluator", name)
-        if evaluator not in EVALUATORS:
-            raise ConfigError(f"dag.nodes.{name}.evaluator={evaluator!r}: use one of "
-                              f"{list(EVALUATORS)}")
+        if evaluator not in known:
+            raise ConfigError(f"dag.nodes.{name}.evaluator={evaluator!r}: use one of {known} "
+                              "(evaluators are registered by configs/eval/<name>.yaml)")
         if True in raw or "on" in raw:  # YAML reads a bare `on:` key as the boolean true
             raise ConfigError(f"dag.nodes.{name}: use `when:` (milestones or final), not `on:`")
         when = raw.get("when", "milestones")

@@ -19,6 +19,8 @@ from caco.dag.ledger import EvalLedger
 from caco.fileio import atomic_write_text
 from caco.job_states import FINAL, ledger_state
 
+REPORT_HEADLINE = ("dag_failed_nodes",)  # also on the pretraining run as eval/<metric>
+
 
 def _slurm_finals(entries: list[dict[str, Any]]) -> dict[str, str]:
     """SLURM's final state of each unfinished node's job (rows named by the node's key)."""

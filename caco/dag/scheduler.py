@@ -33,29 +33,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from caco.dag.ledger import EvalLedger
 from caco.dag.node import NodeJob
-from caco.dag.plan import NodeSpec, parse_dag, plan_checkpoint
+from caco.dag.plan import REPORT, NodeSpec, parse_dag, plan_checkpoint
+from caco.dag.report import REPORT_HEADLINE
 from caco.dag.worker import Worker
-from caco.errors import ConfigError
+from caco.evaluators import registry
 from caco.job_states import FINAL
 from caco.processes import alive, identity
 
 log = logging.getLogger(__name__)
 
-EVAL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eval"
 _MILESTONE = re.compile(r"epoch_(\d{4,})\.pt$")
 
 
 def eval_settings(cfg: DictConfig, spec: NodeSpec) -> dict[str, Any]:
-    """Evaluator defaults (configs/eval/<name>.yaml) < the run's ``eval.<name>`` < the node's
-    ``settings`` (so kNN uses the experiment's k and temperature)."""
-    if spec.evaluator == "report":
+    """The run's ``eval.<evaluator>`` (its registry defaults, composed by Hydra, with the
+    experiment's values) < the node's ``settings`` (so kNN uses the experiment's k)."""
+    if spec.evaluator == REPORT:
         return dict(spec.settings)
-    path = EVAL_CONFIGS / f"{spec.evaluator}.yaml"
-    if not path.exists():
-        raise ConfigError(f"dag node {spec.name}: no evaluator config {path}")
-    base = OmegaConf.load(path)[spec.evaluator]
-    run = (cfg.get("eval") or {}).get(spec.evaluator) or {}
-    merged = OmegaConf.merge(base, run, OmegaConf.create(dict(spec.settings)))
+    base = registry(cfg)[spec.evaluator].settings
+    merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(dict(spec.settings)))
     return OmegaConf.to_container(merged, resolve=True)
 
 
@@ -102,7 +98,9 @@ class DagScheduler:
     def __init__(self, cfg: DictConfig, run_dir: str | Path, executor=None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir).resolve()
-        self.specs = parse_dag(OmegaConf.to_container(cfg.dag.nodes, resolve=True))
+        self.evaluators = registry(cfg)
+        self.specs = parse_dag(OmegaConf.to_container(cfg.dag.nodes, resolve=True),
+                               self.evaluators)
         self.ledger = EvalLedger(self.run_dir)
         self.executor = executor or make_executor(cfg, self.run_dir)
         self.retries = int(cfg.dag.get("retries", 2))
@@ -148,23 +146,17 @@ class DagScheduler:
     def _job(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> NodeJob:
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.update(dict(self.cfg.dag.nodes[spec.name].get("data") or {}))
-        settings = eval_settings(self.cfg, spec)
-        if spec.evaluator == "knn" and epoch != int(self.cfg.epochs):
-            settings["random_init_baseline"] = False  # once, next to the final checkpoint
-        if spec.evaluator == "detection" and not settings["data"].get("root") \
-                and settings["data"].get("format") == "generated":
-            # One generated detection set per output_root, shared by its runs.
-            from caco.data.detection import default_scenes_root
-
-            settings["data"]["root"] = default_scenes_root(self.cfg.output_root,
-                                                           settings["data"])
+        evaluator = self.evaluators.get(spec.evaluator)
         return NodeJob(
             run_dir=str(self.run_dir), epoch=epoch, node=spec.name, evaluator=spec.evaluator,
-            checkpoint=checkpoint, key=key, settings=settings, data=data,
+            checkpoint=checkpoint, key=key, settings=eval_settings(self.cfg, spec), data=data,
             device=str(spec.resources.get("device", "auto")),
             threads=int(spec.resources.get("threads", 0) or 0), retries=self.retries,
             needs=list(spec.needs), tracking=self._tracking(),
-            tasks=int(spec.resources.get("tasks", 1) or 1))
+            tasks=int(spec.resources.get("tasks", 1) or 1),
+            module=evaluator.module if evaluator else "",
+            headline=list(evaluator.headline) if evaluator else list(REPORT_HEADLINE),
+            output_root=str(self.cfg.output_root), final=epoch == int(self.cfg.epochs))
 
     def schedule(self, checkpoint: str, epoch: int, written: float | None = None) -> list[dict]:
         """Submit the checkpoint's nodes that the ledger does not hold yet."""

@@ -187,17 +187,12 @@ def _source(data: DictConfig, split: str) -> _Source:
     if data.kind != "imagefolder":
         raise ConfigError(f"data.kind={data.kind!r} cannot be converted; use imagefolder or "
                           "fashion_mnist")
-    if data.get("generate"):
-        from caco.data.sources import ensure_generated
+    from caco.data.sources import split_folder
 
-        ensure_generated(data)
-    if data.get("root") is None:
-        raise DataError("data.root is not set: point it at an ImageNet-style folder with train/ "
-                        "and val/ (python launch/prepare_data.py data=imagenet data.root=...)")
-    root = Path(str(data.root)).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data.root={root} does not exist")
-    return _FolderSource(root / str(data.get(f"{split}_dir", split)))
+    folder = split_folder(data, split)
+    if not folder.parent.is_dir():
+        raise DataError(f"data.root={folder.parent} does not exist")
+    return _FolderSource(folder)
 
 
 def _first_per_class(labels: np.ndarray, n: int) -> np.ndarray:

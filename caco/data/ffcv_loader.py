@@ -6,7 +6,7 @@ flip), so decoding, cropping and flipping run in FFCV's compiled workers. Colour
 solarize and normalisation are the device stage (:mod:`caco.device_augment`), shared with the
 torchvision path.
 
-The sample order is :class:`caco.data.pretrain.EpochShardSampler`'s, the same as on the
+The sample order is :class:`caco.data.sampling.EpochShardSampler`'s, the same as on the
 torchvision path: a disjoint shard per rank, reshuffled per epoch from (seed, epoch),
 whole batches only, and able to start part-way through an epoch. FFCV's crops draw from its
 own unseeded RNG, so a resumed FFCV run sees the same samples in the same order but not the
@@ -125,7 +125,7 @@ class FFCVPretrainLoader:
 
     def __init__(self, data: DictConfig, views: Sequence[ViewAug], per_rank_batch: int, *,
                  rank: int = 0, world: int = 1, seed: int = 0) -> None:
-        from caco.data.pretrain import EpochShardSampler
+        from caco.data.sampling import EpochShardSampler
 
         require_ffcv()
         path = existing_beton(data, "train")
@@ -240,7 +240,7 @@ def _num_samples(path: Path) -> int:
 
 
 def _subset(n: int, subset: int | None):
-    from caco.data.sources import _subset_indices
+    from caco.data.sampling import subset_indices
 
-    idx = _subset_indices(n, subset)
+    idx = subset_indices(n, subset)
     return None if idx is None else idx.astype(np.int64)

@@ -1,9 +1,12 @@
 """Pretraining and evaluation loaders; ``data.loader`` picks torchvision (``torch``) or FFCV.
 
-Both pretraining loaders yield ``(views, labels)`` with each view uint8 (B, 3, S, S), cropped
-and flipped (the host stage); the trainer applies the colour stage on its device
-(:class:`caco.device_augment.DeviceAugment`). Both take the order from
-:class:`EpochShardSampler`. Evaluation loaders yield normalised float images.
+The loader factories of both paths live here (the FFCV classes, in
+:mod:`caco.data.ffcv_loader`, are imported only when asked for); the sample order and the
+per-sample seeds in :mod:`caco.data.sampling`. Both pretraining loaders yield
+``(views, labels)`` with each view uint8 (B, 3, S, S), cropped and flipped (the host stage);
+the trainer applies the colour stage on its device (:class:`caco.device_augment.DeviceAugment`).
+Both take the order from :class:`EpochShardSampler`. Evaluation loaders yield normalised
+float images.
 
 Exact resume on the torchvision path needs the same batches with the same augmentations after
 a restart, so:
@@ -15,88 +18,17 @@ a restart, so:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from caco.augment import GeometricViews, ViewAug, caco_multi_crop, caco_two_views
+from caco.data.sampling import EpochShardSampler, SeededViews, sample_seed
 from caco.data.sources import labelled_split
 from caco.errors import ConfigError, DataError
 
-_MIX = 0x9E3779B97F4A7C15
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample's augmentation in one epoch."""
-    x = (seed * 1_000_003 + epoch + 1) * _MIX + index
-    x ^= x >> 31
-    x = (x * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    x ^= x >> 29
-    return x & ((1 << 63) - 1)
-
-
-class SeededViews(Dataset):
-    """``(views, label)`` where ``views = augment(image)`` is reproducible per (seed, epoch, i)."""
-
-    def __init__(self, base: Dataset, augment, seed: int) -> None:
-        self.base, self.augment, self.seed = base, augment, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            views = self.augment(img)
-        return views, label
-
-
-class EpochShardSampler(Sampler[int]):
-    """This rank's disjoint share of a per-epoch permutation, whole batches only (drop_last).
-
-    The permutation is ``randperm(n)`` seeded by (seed, epoch); rank r takes every
-    ``world``-th index starting at r of the first ``steps * batch * world`` entries.
-    ``start_step`` skips the batches already trained when resuming mid-epoch.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
-        if batch_size * world > n:
-            raise DataError(
-                f"the dataset has {n} images, fewer than one global batch "
-                f"({batch_size} x {world} ranks); lower batch_size or use more data"
-            )
-        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.start_step = 0, 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n // (self.batch_size * self.world)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        used = order[: self.steps_per_epoch * self.batch_size * self.world]
-        mine = used[self.rank :: self.world]
-        return iter(mine[self.start_step * self.batch_size :].tolist())
-
+__all__ = ["EpochShardSampler", "SeededViews", "build_eval_loader", "build_pretrain_loader",
+           "sample_seed", "view_augs"]
 
 LOADERS = ("torch", "ffcv")
 

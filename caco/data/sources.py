@@ -8,21 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from caco.data.sampling import subset_indices
 from caco.errors import ConfigError, DataError
 
 KINDS = ("imagefolder", "fashion_mnist")
-
-
-def _subset_indices(n: int, subset: int | None, seed: int = 0) -> np.ndarray | None:
-    """A fixed random subset (same for every run and rank), or None for all ``n``."""
-    if not subset or subset >= n:
-        return None
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(n)[:subset])
 
 
 def _read_rgb(path: str):
@@ -91,6 +83,16 @@ _NO_ROOT = ("data.root is not set: point it at an ImageNet-style folder with tra
             "demo: python launch/pretrain.py experiment=demo")
 
 
+def split_folder(data: DictConfig, split: str) -> Path:
+    """The folder of one split ('train' or 'val') of an ImageFolder dataset (generated first
+    when ``data.generate`` says so)."""
+    if data.get("generate"):
+        ensure_generated(data)
+    if data.get("root") is None:
+        raise DataError(_NO_ROOT)
+    return Path(str(data.root)).expanduser() / str(data.get(f"{split}_dir", split))
+
+
 def labelled_split(data: DictConfig, split: str, transform=None, subset: int | None = None):
     """The ``split`` ('train' or 'val') of the dataset described by the ``data`` config."""
     kind = data.kind
@@ -103,18 +105,13 @@ def labelled_split(data: DictConfig, split: str, transform=None, subset: int | N
             full = FashionMNIST("train" if split == "train" else "test", root=data.root)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(str(e)) from None
-        idx = _subset_indices(len(full), subset)
+        idx = subset_indices(len(full), subset)
         if idx is not None:
             full.images, full.labels = full.images[idx], full.labels[idx]
         full.transform = transform
         return full
 
-    if data.get("generate"):
-        ensure_generated(data)
-    if data.root is None:
-        raise DataError(_NO_ROOT)
-    folder = Path(str(data.root)).expanduser() / str(data.get(f"{split}_dir", split))
-    ds = _imagefolder(folder, transform)
-    idx = _subset_indices(len(ds), subset)
+    ds = _imagefolder(split_folder(data, split), transform)
+    idx = subset_indices(len(ds), subset)
     return torch.utils.data.Subset(ds, idx.tolist()) if idx is not None else ds
 
