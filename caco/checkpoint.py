@@ -1,26 +1,48 @@
-"""Reading checkpoints safely, including the authors' released layout (caco.md §11).
+"""The checkpoint format, both ways: the trainer's checkpoints (written, read, resumed,
+published as milestones) and the authors' released layout (caco.md §11).
+
+A toolkit checkpoint is ``{'format', 'epoch', 'step_in_epoch', 'arch', 'model', 'optimizer',
+'config', 'schedules', 'data_seed', 'mlflow_run_id', 'rng'}``: the model's state dict (CaCo's
+names: ``encoder_q.*``, ``encoder_k.*``, ``bank.W``/``bank.V``), LARS's state, the resolved
+run config, and every RNG. :class:`CheckpointManager` owns a run's ``checkpoints/``: ``last.pt``
+after every epoch (and on a stop request, mid-epoch), ``epoch_NNNN.pt`` for milestones (a hard
+link, published atomically), resume with its compatibility check.
 
 The reference saves ``{'epoch', 'arch', 'state_dict', 'optimizer', 'Memory_Bank'}`` where
 ``state_dict`` comes from a DDP-wrapped model (``module.encoder_q.*``, ``module.encoder_k.*``
 with torchvision ResNet names and the projector at ``fc.0/1/3/4/6``) and ``Memory_Bank``
 holds ``W`` (dim x K) and ``v`` (its momentum). Our :class:`caco.model.CaCo` uses the same
-names, so loading is a renaming-free, fully checked copy.
+names, so loading is a renaming-free, fully checked copy. Models are rebuilt through
+:func:`caco.model.build_model` only.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import random
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from caco.errors import CacoError
+from caco.errors import CacoError, ConfigError
 from caco.fileio import atomic_write, fsync_dir
-from caco.model import CaCo
+from caco.model import CaCo, build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "caco-toolkit-1"
+# Changing these makes a checkpoint unusable for the run; anything else only warns.
+STRUCTURAL_KEYS = ("model.arch", "model.dim", "model.mlp_dim", "model.bank_size",
+                   "model.small_stem", "model.width", "model.blocks")
+REPLICA_KEYS = ("epochs", "batch_size", "seed", "optim", "data.augment", "data.image_size",
+                "data.train_subset", "data.kind")
 
 PROGRESS_FILE = "progress.json"
 
@@ -201,10 +223,11 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tupl
     name = str(source) if not isinstance(source, Mapping) else "checkpoint"
     ckpt = read_checkpoint(source) if not isinstance(source, Mapping) else dict(source)
     if ckpt.get("format", "").startswith("caco-toolkit"):
+        from omegaconf import OmegaConf
+
         m = ckpt["config"]["model"]
-        model = CaCo(m["arch"], dim=m["dim"], mlp_dim=m["mlp_dim"], bank_size=m["bank_size"],
-                     moco_t=m["moco_t"], mem_t=m["mem_t"], mem_momentum=m["mem_momentum"],
-                     small_stem=m["small_stem"], width=m["width"], blocks=m["blocks"])
+        with torch.random.fork_rng(devices=[]):  # the weights come from the file
+            model = build_model(OmegaConf.create(m), 0)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -231,7 +254,131 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tupl
         ids = {int(k.removeprefix("module.")[len(prefix):].split(".")[0])
                for k in state if k.removeprefix("module.").startswith(prefix)}
         blocks.append(max(ids) + 1 if ids else 1)
-    model = CaCo(arch, dim=dim, mlp_dim=mlp_dim, bank_size=bank_size, small_stem=small_stem,
-                 width=width, blocks=blocks)
+    from omegaconf import OmegaConf
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(OmegaConf.create({
+            "arch": arch, "dim": int(dim), "mlp_dim": int(mlp_dim), "bank_size": int(bank_size),
+            "moco_t": 0.08, "mem_t": 0.08, "mem_momentum": 0.9, "small_stem": small_stem,
+            "width": int(width), "blocks": blocks}), 0)
     info = load_reference_checkpoint(model, ckpt, require_bank=bank is not None)
     return model, {**info, "format": "reference"}
+
+
+# ------------------------------------------------------------------ the trainer's checkpoints
+def _get(container: Mapping, dotted: str):
+    node: Any = container
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_compatible(saved: Mapping, current: Mapping, path: Path) -> None:
+    """Refuse a checkpoint whose structure differs; warn about run-changing differences."""
+    bad = [f"{k}: checkpoint {_get(saved, k)!r} vs now {_get(current, k)!r}"
+           for k in STRUCTURAL_KEYS if _get(saved, k) != _get(current, k)]
+    if bad:
+        raise ConfigError(
+            f"cannot resume from {path}: the config differs where it matters ({'; '.join(bad)}). "
+            "Use the checkpoint's settings, or start a new run (another run_name).")
+    changed = [k for k in REPLICA_KEYS if _get(saved, k) != _get(current, k)]
+    if changed:
+        log.warning("resuming %s with changed %s: the run will differ from an uninterrupted "
+                    "one", path, ", ".join(changed))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """Where a run is: epochs completed, steps into the next one, its MLflow run."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    mlflow_run_id: str | None = None
+
+
+class CheckpointManager:
+    """A run's ``checkpoints/``: what the trainer saves and resumes from, and its milestones.
+
+    ``config`` is the resolved run config (stored in every checkpoint, checked on resume);
+    ``before_write`` is called before anything is written (the run's lease check).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any], *,
+                 milestones: Iterable[int] = (), every: int = 0, epochs: int,
+                 before_write: Callable[[], None] = lambda: None) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.config = dict(config)
+        self.milestones, self.every, self.epochs = set(milestones or ()), int(every or 0), epochs
+        self.before_write = before_write
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    def is_milestone(self, epoch: int) -> bool:
+        return epoch == self.epochs or epoch in self.milestones or \
+            bool(self.every and epoch % self.every == 0)
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+             ) -> TrainState | None:
+        """Resume from ``last.pt`` (model, optimizer, RNG); None when there is none."""
+        if not self.last.exists():
+            return None
+        ckpt = read_checkpoint(self.last)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{self.last} is not a checkpoint of this toolkit (format "
+                                  f"{ckpt.get('format')!r}); move it away to start over")
+        check_compatible(ckpt["config"], self.config, self.last)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.last} does not fit the model: "
+                                  f"{str(e).splitlines()[0]}") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        log.info("resuming from %s: %d epochs done, step %d of the next", self.last,
+                 ckpt["epoch"], ckpt["step_in_epoch"])
+        return TrainState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("mlflow_run_id"))
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+             schedules: Mapping[str, Any]) -> Path:
+        self.before_write()
+        return save_last({
+            "format": CHECKPOINT_FORMAT, "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch, "arch": self.config["model"]["arch"],
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": self.config, "schedules": dict(schedules),
+            "data_seed": int(self.config["seed"]), "mlflow_run_id": state.mlflow_run_id,
+            "rng": rng_state()}, self.last)
+
+    def publish(self, epoch: int) -> Path:
+        """``last.pt`` of a completed milestone epoch -> ``epoch_NNNN.pt``."""
+        self.before_write()
+        return publish_milestone(self.last, epoch)
+
+    def missed_milestone(self, state: TrainState) -> int | None:
+        """A milestone whose ``last.pt`` was written but never published (a kill between the
+        two): the epoch to publish now, else None."""
+        epoch = state.epoch
+        if epoch > 0 and state.step_in_epoch == 0 and self.is_milestone(epoch) and \
+                not (self.dir / f"epoch_{epoch:04d}.pt").exists():
+            return epoch
+        return None

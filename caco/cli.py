@@ -38,10 +38,12 @@ def user_message(error: BaseException) -> str:
 
 
 def _dag_scheduler(cfg: DictConfig, run_dir: Path):
-    """Rank 0's evaluation-DAG scheduler, when ``dag.nodes`` declares any node."""
+    """Rank 0's evaluation-DAG scheduler, when the run has any evaluation node."""
     import torch.distributed as dist
 
-    if not (cfg.get("dag") and cfg.dag.get("nodes")):
+    from caco.dag.plan import dag_nodes
+
+    if not dag_nodes(cfg):
         return None
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
@@ -53,8 +55,6 @@ def _dag_scheduler(cfg: DictConfig, run_dir: Path):
     if node and knn is not None and knn.get("final"):
         log.info("the final kNN (eval/knn_top1%s) comes from the DAG's %s node",
                  ", eval/knn_top1_random_init" if knn.get("random_init_baseline") else "", node)
-        with open_dict(cfg):
-            cfg.eval.knn.final = False
     return scheduler
 
 
@@ -87,7 +87,7 @@ def pretrain_main(cfg: DictConfig) -> dict:
         summary = trainer.run()
         if scheduler is not None:
             finished = summary["status"] == "finished"
-            scheduler.close(wait=finished and bool(cfg.dag.get("wait", True)))
+            scheduler.close(wait=finished and bool((cfg.get("dag") or {}).get("wait", True)))
             summary["dag"] = scheduler.summary()
         if summary["status"] == "stopped" and guard is not None:
             guard.hand_over()

@@ -146,3 +146,41 @@ class PreemptionGuard:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             with contextlib.suppress(KeyboardInterrupt):
                 time.sleep(120)
+
+
+def wrap_for_training(core: torch.nn.Module, device: torch.device, world: int
+                      ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(core, model)``: SyncBatchNorm on several GPUs, and the DDP wrapper the step calls
+    (``model is core`` with one process)."""
+    if world > 1 and device.type == "cuda":
+        # PyTorch's SyncBatchNorm is GPU-only; on CPU each rank normalises its own half.
+        core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    core = core.to(device)
+    if world == 1:
+        return core, core
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # The bank is identical on every rank by construction (averaged gradient); broadcasting
+    # it as a buffer at every forward would cost a full copy per step.
+    ids = [device] if device.type == "cuda" else None
+    try:
+        return core, DDP(core, device_ids=ids, forward_sync_buffers=False)
+    except TypeError:  # torch before forward_sync_buffers
+        return core, DDP(core, device_ids=ids, broadcast_buffers=False)
+
+
+def check_replicas(tensors: list[torch.Tensor], device: torch.device, epoch: int) -> None:
+    """Every rank must hold the same tensors (weights, bank): a silent divergence (a missed
+    all-reduce, a rank-dependent bank) would otherwise only show up as bad results."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        digest = torch.stack([t.double().sum() for t in tensors] +
+                             [t.double().abs().sum() for t in tensors]).to(device)
+    world = dist.get_world_size()
+    gathered = [torch.empty_like(digest) for _ in range(world)]
+    dist.all_gather(gathered, digest)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError(f"ranks diverged after epoch {epoch}: weights or bank differ")
+    if dist.get_rank() == 0:
+        log.info("epoch %d: all %d ranks hold identical weights and bank", epoch, world)

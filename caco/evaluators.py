@@ -48,7 +48,7 @@ def registry(cfg: DictConfig) -> dict[str, Evaluator]:
     own = cfg.get("eval") or {}
     entries = _entries(cfg)
     if not entries or len(entries) < len([n for n in own.values() if OmegaConf.is_dict(n)]):
-        entries = dict(_entries(_defaults()))
+        entries = dict(_entries(today_config()))
         for name, node in own.items():  # the run's own settings still win
             if name in entries and OmegaConf.is_dict(node):
                 entries[name] = OmegaConf.merge(entries[name], node)
@@ -63,7 +63,8 @@ def registry(cfg: DictConfig) -> dict[str, Evaluator]:
 _DEFAULTS: DictConfig | None = None
 
 
-def _defaults() -> DictConfig:
+def today_config() -> DictConfig:
+    """Today's composed pretraining config (for runs made before the registry)."""
     global _DEFAULTS
     if _DEFAULTS is None:
         from caco.config import compose
@@ -78,6 +79,11 @@ def get(cfg: DictConfig, name: str) -> Evaluator:
         raise ConfigError(f"no evaluator {name!r}: the registry (configs/eval/) has "
                           f"{sorted(found)}")
     return found[name]
+
+
+def registered_module(name: str) -> str:
+    """The module today's registry (configs/eval/) gives evaluator ``name``."""
+    return get(today_config(), name).module
 
 
 def load(evaluator: Evaluator | str) -> ModuleType:

@@ -55,12 +55,13 @@ def check_pretrain(cfg: DictConfig) -> None:
         from caco.data.ffcv_loader import existing_beton
 
         existing_beton(cfg.data, "train")
-    from omegaconf import OmegaConf
 
-    nodes = cfg.dag.get("nodes") if cfg.get("dag") is not None else None
+    from caco.dag.plan import dag_nodes
+
+    nodes = dag_nodes(cfg)
     if nodes:
         from caco.evaluators import registry
 
-        parse_dag(OmegaConf.to_container(nodes, resolve=True), registry(cfg))
+        parse_dag(nodes, registry(cfg))
     if cfg.get("tracking") is not None:
         check_settings(cfg.tracking)

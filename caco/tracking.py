@@ -508,6 +508,46 @@ def sync(run_dir: str | os.PathLike, *, epoch: int | None = None, trainer: bool 
     return left
 
 
+def start_run(t: Mapping[str, Any], output_root: str | os.PathLike, run_dir: Path, *,
+              run_id: str | None, params: Mapping[str, Any], artifact: Path) -> Tracker:
+    """The pretraining run's tracker (``t``: the ``tracking`` config), created or resumed
+    (``run_id`` from a checkpoint; else ``tracking.json`` says which). Never raises on the
+    backend: unreachable or locked, the run's creation waits in the journal."""
+    use_credentials(t)
+    uri = resolve_uri(t.get("uri"), output_root)
+    artifacts = str(Path(output_root) / "mlartifacts")
+    configure_http(int(t.get("http_retries", 1)), int(t.get("http_timeout", 10)))
+    try:
+        exp_id = prepare_experiment(uri, t["experiment"], artifacts)
+    except Exception as e:
+        log.warning("tracking backend %s unavailable at start (%s: %s); training goes on and "
+                    "every record is buffered in %s", redact(uri), type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "", run_dir / PENDING_FILE)
+        exp_id = None
+    tracker = Tracker(uri, exp_id, run_dir, experiment=t["experiment"], artifact_root=artifacts,
+                      http_retries=int(t.get("http_retries", 1)),
+                      http_timeout=int(t.get("http_timeout", 10)),
+                      retry_interval_s=float(t.get("retry_interval_s", 30)))
+    fresh = run_id is None and read_run_file(run_dir) is None
+    tracker.start(run_id=run_id, run_name=run_dir.name, tags=default_tags(run_tags(run_dir)))
+    if fresh:
+        tracker.log_params(params)
+        tracker.log_artifact(artifact)
+    return tracker
+
+
+def run_tags(run_dir: Path) -> dict[str, str]:
+    """The run directory and, inside a Hydra job, its command-line overrides."""
+    tags = {"run_dir": str(run_dir)}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        tags["overrides"] = " ".join(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        pass
+    return tags
+
+
 def default_tags(extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     tags = {"host": socket.gethostname(), "git_commit": git_commit()}
     tags.update({k: str(v) for k, v in (extra or {}).items()})

@@ -95,8 +95,9 @@ def test_tracking_records_params_metrics_tags_and_artifact(tmp_path):
     assert len(client.get_metric_history(run.info.run_id, "train_step/loss")) == 4
     monitor = client.get_metric_history(run.info.run_id, "train/knn_top1")
     assert [m.step for m in monitor] == [1, 2]
-    assert run.data.metrics["eval/knn_top1"] == monitor[-1].value  # final reuses epoch 2's
-    assert 0 <= run.data.metrics["eval/knn_top1"] <= 100
+    assert 0 <= monitor[-1].value <= 100
+    # The trainer trains: the run's kNN results (eval/*) come from the evaluation DAG.
+    assert not [k for k in run.data.metrics if k.startswith("eval/")]
     assert run.data.tags["host"] and run.data.tags["git_commit"]
     assert run.data.tags["run_dir"] == str(run_dir.resolve())
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]

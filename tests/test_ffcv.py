@@ -266,17 +266,17 @@ def test_training_on_ffcv_batches(data, ffcv_views, root):
     """The trainer on data.loader=ffcv: bank init, 2 epochs, milestones, kNN on .beton."""
     from caco.train import Pretrainer
 
-    cfg = _cfg(root, "tracking.enabled=false", "optim.bank_init=true")
+    cfg = _cfg(root, "tracking.enabled=false", "optim.bank_init=true", "eval.knn.every=2")
     trainer = Pretrainer(cfg, root / "runs" / "ffcv")
     summary = trainer.run()
     assert trainer.loader.loader is ffcv_views.loader  # no second compile
     assert summary["status"] == "finished"
     assert (root / "runs" / "ffcv" / "checkpoints" / "epoch_0002.pt").exists()
-    # The final kNN read the .beton eval loaders (60 val images; 2 epochs on 240 images make
+    # The kNN monitor read the .beton eval loaders (60 val images; 2 epochs on 240 images make
     # no quality bar, so only the range is checked).
     from caco.data.ffcv_loader import _LOADERS
 
-    assert 0 <= summary["eval/knn_top1"] <= 100
+    assert 0 <= summary["train/knn_top1"] <= 100
     assert any(k[0] == "eval" and k[1].endswith("val.beton") for k in _LOADERS)
     state = torch.load(root / "runs" / "ffcv" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

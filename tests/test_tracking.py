@@ -172,13 +172,13 @@ def test_a_locked_sqlite_store_at_start_delays_the_run_never_stops_it(tmp_path, 
                 lock.execute("COMMIT")
 
     handler = ReleaseOnWarning()
-    logging.getLogger("caco.train").addHandler(handler)
+    logging.getLogger("caco.tracking").addHandler(handler)
     run_dir = tmp_path / "runs" / "locked"
     try:
         with caplog.at_level(logging.WARNING):
             summary = Pretrainer(cfg, run_dir).run()
     finally:
-        logging.getLogger("caco.train").removeHandler(handler)
+        logging.getLogger("caco.tracking").removeHandler(handler)
         lock.close()
     assert summary["status"] == "finished"
     assert "unavailable at start" in caplog.text and "database is locked" in caplog.text

@@ -54,7 +54,7 @@ class NodeJob:
     needs: list[str] = field(default_factory=list)
     tracking: dict[str, Any] | None = None  # uri, experiment(_id), parent_state, ...
     tasks: int = 1  # processes (one per GPU); the linear probe trains with DDP across them
-    module: str = ""  # the evaluator's module (from the registry; empty for report)
+    module: str = ""  # the evaluator's module (from the run's registry; empty: today's)
     headline: list[str] = field(default_factory=list)  # metrics also logged on the parent
     output_root: str = ""  # where shared evaluation data (e.g. generated scenes) lives
     final: bool = True  # the run's final checkpoint (baselines are computed next to it)
@@ -82,16 +82,18 @@ def _evaluate(job: NodeJob) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(int(job.threads))
-    if not job.module:  # the DAG's own roll-up
+    from caco.dag.plan import REPORT
+
+    if job.evaluator == REPORT:  # the DAG's own roll-up
         from caco.dag.report import report
 
         return report(job.run_dir, job.epoch, exclude=job.node)
-    from caco.evaluators import load
+    from caco.evaluators import load, registered_module
 
     cfg = OmegaConf.create({"eval": {job.evaluator: job.settings}, "data": job.data,
                             "device": job.device, "output_root": job.output_root or None,
                             "final_checkpoint": job.final})
-    return load(job.module).evaluate(job.checkpoint, cfg)
+    return load(job.module or registered_module(job.evaluator)).evaluate(job.checkpoint, cfg)
 
 
 def child_writer(run_dir: str | os.PathLike, epoch: int, node: str, key: str,
@@ -150,13 +152,24 @@ def _start_child(tracker, job: NodeJob) -> None:
         tracker.log_params(params)
 
 
+def _headline(job: NodeJob) -> list[str]:
+    if job.headline:
+        return list(job.headline)
+    from caco.dag.plan import REPORT
+    from caco.dag.report import REPORT_HEADLINE
+    from caco.evaluators import get, today_config
+
+    return list(REPORT_HEADLINE if job.evaluator == REPORT else
+                get(today_config(), job.evaluator).headline)
+
+
 def _finish_child(tracker, job: NodeJob, metrics: dict[str, Any], status: str) -> None:
     if tracker is None:
         return
     numbers = _numbers(metrics)
     if numbers:
         tracker.log_metrics(numbers, job.epoch)
-    headline = {f"eval/{k}": numbers[k] for k in job.headline if k in numbers}
+    headline = {f"eval/{k}": numbers[k] for k in _headline(job) if k in numbers}
     if headline:
         tracker.log_metrics(headline, job.epoch, parent=True)
     tracker.end(status)

@@ -29,6 +29,7 @@ class NodeSpec:
     needs: tuple[str, ...] = ()
     resources: Mapping[str, Any] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)  # over the run's data config
 
     @property
     def dependency(self) -> str:
@@ -42,15 +43,42 @@ class NodeSpec:
         return bool(self.every) and epoch % self.every == 0
 
 
+def dag_nodes(cfg: Any) -> dict[str, Any]:
+    """The run's DAG nodes: ``dag.nodes``, plus a final kNN node when ``eval.knn.final`` asks
+    for one and no kNN node evaluates the final checkpoint (``dag=none`` included)."""
+    from omegaconf import OmegaConf
+
+    dag = cfg.get("dag") or {}
+    raw = dag.get("nodes")
+    nodes = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else \
+        dict(raw or {})
+    knn = (cfg.get("eval") or {}).get("knn")
+    if not (knn is not None and knn.get("final")):
+        return nodes
+    if any(dict(n or {}).get("evaluator", name) == "knn" and dict(n or {}).get("when",
+           "milestones") in WHEN for name, n in nodes.items()):
+        return nodes  # every kNN node also runs at the final checkpoint
+    c = cfg.get("cluster") or {}
+    name = "knn" if "knn" not in nodes else "knn_final"
+    nodes[name] = {"evaluator": "knn", "when": "final", "resources": {
+        "gpus": 1 if int(c.get("gpus_per_node") or 0) else 0,
+        "cpus": int(c.get("cpus_per_task") or 1), "mem_gb": min(64, int(c.get("mem_gb") or 4)),
+        "timeout_min": 120, "device": str(cfg.get("device", "auto")),
+        "threads": int(cfg.get("threads") or 0)}}
+    if REPORT in nodes:
+        needs = list(nodes[REPORT].get("needs") or [])
+        nodes[REPORT]["needs"] = [*needs, name] if name not in needs else needs
+    return nodes
+
+
 def parse_dag(nodes: Mapping[str, Mapping[str, Any]] | None,
               evaluators: Iterable[str] | None = None) -> dict[str, NodeSpec]:
     """Validate ``dag.nodes`` against the evaluator registry (``evaluators``: its names; by
     default today's configs/eval/); errors name the node and the key."""
     if evaluators is None:
-        from caco.evaluators import _defaults as defaults
-        from caco.evaluators import registry
+        from caco.evaluators import registry, today_config
 
-        evaluators = registry(defaults())
+        evaluators = registry(today_config())
     known = [*sorted(evaluators), REPORT]
     specs: dict[str, NodeSpec] = {}
     for name, raw in (nodes or {}).items():
@@ -68,7 +96,8 @@ def parse_dag(nodes: Mapping[str, Mapping[str, Any]] | None,
         if every < 0:
             raise ConfigError(f"dag.nodes.{name}.every={every} must be >= 0")
         specs[name] = NodeSpec(name, evaluator, when, every, tuple(raw.get("needs") or ()),
-                               dict(raw.get("resources") or {}), dict(raw.get("settings") or {}))
+                               dict(raw.get("resources") or {}), dict(raw.get("settings") or {}),
+                               dict(raw.get("data") or {}))
     for spec in specs.values():
         for need in spec.needs:
             if need not in specs:
@@ -108,5 +137,5 @@ def plan_checkpoint(specs: Mapping[str, NodeSpec], epoch: int, final_epoch: int,
         spec = specs[name]
         needs = tuple(n for n in spec.needs if n in running)
         plan.append(NodeSpec(spec.name, spec.evaluator, spec.when, spec.every, needs,
-                             spec.resources, spec.settings))
+                             spec.resources, spec.settings, spec.data))
     return plan

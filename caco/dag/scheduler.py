@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caco.dag.ledger import EvalLedger
 from caco.dag.node import NodeJob
-from caco.dag.plan import REPORT, NodeSpec, parse_dag, plan_checkpoint
+from caco.dag.plan import REPORT, NodeSpec, dag_nodes, parse_dag, plan_checkpoint
 from caco.dag.report import REPORT_HEADLINE
 from caco.dag.worker import Worker
 from caco.evaluators import registry
@@ -99,11 +99,10 @@ class DagScheduler:
         self.cfg = cfg
         self.run_dir = Path(run_dir).resolve()
         self.evaluators = registry(cfg)
-        self.specs = parse_dag(OmegaConf.to_container(cfg.dag.nodes, resolve=True),
-                               self.evaluators)
+        self.specs = parse_dag(dag_nodes(cfg), self.evaluators)
         self.ledger = EvalLedger(self.run_dir)
         self.executor = executor or make_executor(cfg, self.run_dir)
-        self.retries = int(cfg.dag.get("retries", 2))
+        self.retries = int((cfg.get("dag") or {}).get("retries", 2))
         self._worker = Worker(self._handle, "caco-dag")
         self._caught_up = False
         self._stopped = False  # the job is being ended: submit nothing more
@@ -145,7 +144,7 @@ class DagScheduler:
 
     def _job(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> NodeJob:
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
-        data.update(dict(self.cfg.dag.nodes[spec.name].get("data") or {}))
+        data.update(dict(spec.data))
         evaluator = self.evaluators.get(spec.evaluator)
         return NodeJob(
             run_dir=str(self.run_dir), epoch=epoch, node=spec.name, evaluator=spec.evaluator,

@@ -65,7 +65,7 @@ def patch_fileio(module):
     module.os = Os()
 
 
-def patch_train(module):
+def patch_checkpoint(module):
     publish = module.publish_milestone
 
     def publish_milestone(last, epoch):
@@ -74,6 +74,9 @@ def patch_train(module):
         return publish(last, epoch)
 
     module.publish_milestone = publish_milestone
+
+
+def patch_step(module):
     step = module.caco_step
 
     def caco_step(*args, **kwargs):
@@ -108,7 +111,8 @@ def patch_executors(module):
     module.SlurmExecutor.submit = submit_then_maybe_die
 
 
-PATCHES = {"caco.fileio": patch_fileio, "caco.train": patch_train,
+PATCHES = {"caco.fileio": patch_fileio, "caco.checkpoint": patch_checkpoint,
+           "caco.step": patch_step,
            "caco.dag.ledger": patch_ledger, "caco.dag.executors": patch_executors}
 
 
