@@ -13,9 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 
+def project_root() -> Path:
+    """The checkout: ``caco/``, ``configs/``, ``launch/`` side by side."""
+    return Path(__file__).resolve().parents[1]
+
+
 def config_dir() -> Path:
-    """The project's ``configs/`` (beside the ``caco`` package)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """The project's ``configs/``."""
+    return project_root() / "configs"
 
 
 def compose(name: str = "pretrain", overrides: Sequence[str] = ()) -> DictConfig:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from caco.config import project_root
 from caco.slurm_accounting import job_history, wait_final
 
 log = logging.getLogger(__name__)
-LAUNCH = Path(__file__).resolve().parents[2] / "launch" / "pretrain.py"
+LAUNCH = project_root() / "launch" / "pretrain.py"
 
 
 @dataclass

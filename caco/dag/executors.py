@@ -39,7 +39,6 @@ from caco.processes import identity
 log = logging.getLogger(__name__)
 
 Dependency = tuple[str, str, str]  # (afterok|afterany, node name, job id)
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INTERRUPTED = "interrupted before it finished; relaunch the run or `dag.py retry` runs it again"
 
 
@@ -118,7 +117,7 @@ class LocalExecutor:
             # node itself and records why (see interrupt).
             proc = subprocess.Popen([*launcher, "-m", "caco.dag.node", str(path)],
                                     stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=PROJECT_ROOT, start_new_session=True)
+                                    cwd=self.run_dir, start_new_session=True)
             self._proc, self._current = proc, job
             try:
                 ledger.update(job.epoch, job.node, key=job.key, process=identity(proc.pid))
