@@ -5,10 +5,13 @@ folder."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from caco.errors import CacoError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *,
@@ -43,8 +46,6 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 def exclusive_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on the file ``path`` (created if needed) across processes;
     yields False instead of waiting when ``wait`` is off and another holder has it."""
-    import fcntl
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as lock:
@@ -77,3 +78,34 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
         if not final.exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class LockError(CacoError, OSError):
+    """File locks that do not work where a run needs them (names the folder)."""
+
+
+def check_locks_work(folder: str | os.PathLike) -> None:
+    """Refuse a filesystem whose file locks are missing or not enforced (some NFS/Lustre
+    mounts): the ledger and the run lease depend on them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".lock-probe-{os.getpid()}"
+    try:
+        with open(probe, "a") as a, open(probe, "a") as b:
+            try:
+                fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise LockError(
+                    f"file locks do not work on {folder} ({e}); the run directory must be on a "
+                    "filesystem with working locks (mount NFS with locking, not `nolock`/"
+                    "`local_lock`), or choose another output_root") from None
+            try:
+                fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # the second lock was refused: locks are enforced
+            raise LockError(
+                f"file locks are not enforced on {folder} (a second exclusive lock was "
+                "granted); the run directory needs a filesystem with working locks, or "
+                "choose another output_root")
+    finally:
+        probe.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from caco.errors import CacoError
-from caco.fileio import atomic_write_text, exclusive_lock
+from caco.fileio import atomic_write_text, check_locks_work, exclusive_lock
 from caco.processes import alive, identity
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,6 @@ class RunLease:
                 "acquired": time.time(), "heartbeat": time.time()}
 
     def acquire(self) -> RunLease:
-        from caco.dag.ledger import check_locks_work
-
         check_locks_work(self.run_dir)
         with self._locked():
             holder = self.holder()

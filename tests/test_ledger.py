@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from caco.dag.ledger import EvalLedger, LedgerError, StaleKey, check_locks_work, idempotency_key
+from caco.dag.ledger import EvalLedger, LedgerError, StaleKey, idempotency_key
+from caco.fileio import LockError, check_locks_work
 
 
 def test_claim_once_then_update(tmp_path):
@@ -49,10 +50,10 @@ def test_locks_are_checked_before_a_run_depends_on_them(tmp_path, monkeypatch):
         raise OSError(37, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(LedgerError, match=r"file locks do not work on .*output_root"):
+    with pytest.raises(LockError, match=r"file locks do not work on .*output_root"):
         check_locks_work(tmp_path)
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: None)  # granted twice: not enforced
-    with pytest.raises(LedgerError, match="not enforced"):
+    with pytest.raises(LockError, match="not enforced"):
         check_locks_work(tmp_path)
 
 

@@ -18,7 +18,6 @@ node was resubmitted since): :class:`StaleKey`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -41,33 +40,6 @@ class LedgerError(CacoError, ValueError):
 
 class StaleKey(LedgerError):
     """An update from a job whose node was resubmitted under another key since."""
-
-
-def check_locks_work(folder: str | os.PathLike) -> None:
-    """Refuse a filesystem whose file locks are missing or not enforced (some NFS/Lustre
-    mounts): the ledger and the run lease depend on them."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".lock-probe-{os.getpid()}"
-    try:
-        with open(probe, "a") as a, open(probe, "a") as b:
-            try:
-                fcntl.flock(a, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                raise LedgerError(
-                    f"file locks do not work on {folder} ({e}); the run directory must be on a "
-                    "filesystem with working locks (mount NFS with locking, not `nolock`/"
-                    "`local_lock`), or choose another output_root") from None
-            try:
-                fcntl.flock(b, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # the second lock was refused: locks are enforced
-            raise LedgerError(
-                f"file locks are not enforced on {folder} (a second exclusive lock was "
-                "granted); the run directory needs a filesystem with working locks, or "
-                "choose another output_root")
-    finally:
-        probe.unlink(missing_ok=True)
 
 
 def idempotency_key(run_dir: str | os.PathLike, epoch: int, node: str, round: int = 0) -> str:
