@@ -83,9 +83,24 @@ def init_distributed(cfg: DictConfig) -> tuple[int, int]:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     timeout = datetime.timedelta(seconds=float(cluster.get("dist_timeout_s", 1800)))
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
-    log.info("process group: rank %d of %d (%s, local rank %d)", rank, world, backend,
-             local_rank)
+    host, address = where_am_i()
+    log.info("process group: rank %d of %d on %s (%s), %s, local rank %d", rank, world, host,
+             address, backend, local_rank)
     return rank, world
+
+
+def where_am_i() -> tuple[str, str]:
+    """This process's hostname and the address it reaches the rendezvous host by."""
+    import socket
+
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))  # sends nothing
+            address = s.getsockname()[0]
+    except OSError:
+        address = "unknown"
+    return socket.gethostname(), address
 
 
 def shutdown_distributed() -> None:

@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine (localhost), for tests, CI and trying the
-# toolkit without a cluster:  launch/local_slurm.sh start | stop | status
+# A real SLURM cluster on this machine, for tests, CI and trying the toolkit without a cluster:
+#
+#   launch/local_slurm.sh start [--hosts N] [--tracking]   (N = 1: one node on localhost)
+#   launch/local_slurm.sh stop | status
+#   launch/local_slurm.sh host-down I | host-up I          (a multi-host cluster's host I)
+#
+# With --hosts N (N >= 2) each compute host lives in its own network namespace (caco-h<I>,
+# own hostname and address 10.77.0.<10+I>) joined to the machine (the "login host", 10.77.0.1
+# on the bridge cacobr0) by a veth pair; slurmctld, slurmdbd and MariaDB stay on the login
+# host; the filesystem is shared, as a cluster's shared filesystem is. --tracking also starts
+# the team's MLflow tracking server (basic authentication, MariaDB backend, artifacts under
+# $STATE/mlflow) on the login host's cluster address; `status` prints its URI.
 #
 # Starts munged, MariaDB, slurmdbd (so sacct works: submitit reads job states from it),
 # slurmctld and slurmd directly (no systemd), records exactly their PIDs under $STATE/run and
@@ -25,7 +35,26 @@ SECRETS=$STATE/secrets
 DB_PORT=${CACO_SLURM_DB_PORT:-33061}
 DB_SOCK=$RUN/mysqld.sock
 CLUSTER=caco-local
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)   # start order; stop is the reverse
+NET=10.77.0                 # the multi-host cluster's private subnet (nothing else may use it)
+BRIDGE=cacobr0
+TRACK_PORT=${CACO_TRACKING_PORT:-5077}
+PYTHON=${PYTHON:-python}
+HOSTS=$(cat "$STATE/hosts" 2>/dev/null || echo 1)
+
+nodes() {  # the compute nodes' names
+  if [ "$HOSTS" -le 1 ]; then echo localhost; return; fi
+  local i
+  for ((i = 1; i <= HOSTS; i++)); do echo "caco-h$i"; done
+}
+node_addr() { if [ "$HOSTS" -le 1 ]; then echo 127.0.0.1; else echo "$NET.$((10 + ${1#caco-h}))"; fi; }
+ctld_addr() { if [ "$HOSTS" -le 1 ]; then echo 127.0.0.1; else echo "$NET.1"; fi; }
+slurmd_name() { if [ "$HOSTS" -le 1 ]; then echo slurmd; else echo "slurmd-$1"; fi; }
+daemons() {  # start order; stop is the reverse
+  local n
+  echo munged mariadbd slurmdbd slurmctld
+  for n in $(nodes); do slurmd_name "$n"; done
+  echo mlflow
+}
 
 say() { echo "local_slurm: $*"; }
 die() { echo "local_slurm: error: $*" >&2; exit 1; }
@@ -44,21 +73,25 @@ alive() {  # pid -> 0 if running (a zombie counts as stopped)
 pid_of() { cat "$RUN/$1.pid" 2>/dev/null || true; }
 
 ours() {  # pid name -> 0 if that pid is alive AND runs the daemon we recorded it for
-  local pid=$1 name=$2 exe
+  local pid=$1 name=${2%%-*} cmd
   alive "$pid" || return 1
-  exe=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | awk '{print $1}')
-  [ "$(basename "${exe:-none}")" = "$name" ]
+  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)
+  if [ "$name" = mlflow ]; then
+    case "$cmd" in *"mlflow server"*) return 0 ;; *) return 1 ;; esac
+  fi
+  [ "$(basename "$(echo "$cmd" | awk '{print $1}')")" = "$name" ]
 }
 
-db_password() {  # generated once per machine, readable by root only
+secret() {  # name -> a password generated once per machine, readable by root only
   mkdir -p "$SECRETS"
   chmod 700 "$SECRETS"
-  if [ ! -s "$SECRETS/db_password" ]; then
-    (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$SECRETS/db_password")
+  if [ ! -s "$SECRETS/$1" ]; then
+    (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$SECRETS/$1")
   fi
-  chmod 600 "$SECRETS/db_password"
-  cat "$SECRETS/db_password"
+  chmod 600 "$SECRETS/$1"
+  cat "$SECRETS/$1"
 }
+db_password() { secret db_password; }
 
 wait_for() {  # seconds description command...
   local t=$1 what=$2; shift 2
@@ -110,11 +143,19 @@ write_configs() {
   [ -e "$STATE/stopped_cleanly" ] || gap=1001
   first_id=$(( $(cat "$STATE/last_job_id" 2>/dev/null || echo 0) + gap ))
   rm -f "$STATE/stopped_cleanly"
-  mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.95 - 512}' /proc/meminfo)
+  # The hosts share the machine's cores (each may use all of them) and split its memory.
+  mem_mb=$(awk -v n="$HOSTS" '/MemTotal/ {printf "%d", ($2 / 1024 * 0.95 - 512) / n}' \
+    /proc/meminfo)
+  local node_lines="" n all
+  for n in $(nodes); do
+    node_lines+="NodeName=$n NodeAddr=$(node_addr "$n") NodeHostname=$n CPUs=$cpus"
+    node_lines+=" RealMemory=$mem_mb State=UNKNOWN"$'\n'
+  done
+  all=$(nodes | paste -sd, -)
   cat >"$ETC/slurm.conf" <<EOF
-# caco local_slurm: a one-node cluster on localhost (generated; edits are overwritten)
+# caco local_slurm: a $HOSTS-host cluster on this machine (generated; edits are overwritten)
 ClusterName=$CLUSTER
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=$(dbd_host)($(ctld_addr))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -132,30 +173,31 @@ SchedulerParameters=sched_interval=5,bf_interval=5
 JobRequeue=1
 FirstJobId=$first_id
 ReturnToService=2
+SlurmdTimeout=10
 MinJobAge=300
 KillWait=10
 InactiveLimit=0
 StateSaveLocation=$SPOOL/ctld
-SlurmdSpoolDir=$SPOOL/d
+SlurmdSpoolDir=$SPOOL/d/%n
 SlurmctldPidFile=$RUN/slurmctld.daemon.pid
-SlurmdPidFile=$RUN/slurmd.daemon.pid
+SlurmdPidFile=$RUN/slurmd.%n.daemon.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd.%n.log
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=$(ctld_addr)
 AccountingStoragePort=6819
-NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+${node_lines}PartitionName=local Nodes=$all Default=YES MaxTime=INFINITE State=UP
 EOF
   # slurmdbd binds to the address of its own hostname with NoInAddrAny (else to all
-  # interfaces): it runs in a UTS namespace whose hostname is localhost (see start_slurm).
+  # interfaces): it runs in UTS (and mount) namespaces whose hostname names the controller's
+  # address: localhost, or caco-login on a multi-host cluster (see start_slurm).
   local pass
   pass=$(db_password)
   (umask 077; cat >"$ETC/slurmdbd.conf" <<EOF
 # caco local_slurm (generated)
 AuthType=auth/munge
-DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdHost=$(dbd_host)
+DbdAddr=$(ctld_addr)
 DbdPort=6819
 SlurmUser=root
 PidFile=$RUN/slurmdbd.daemon.pid
@@ -235,35 +277,171 @@ close_runaway_jobs() {  # jobs an earlier cluster left PENDING/RUNNING in accoun
   sacctmgr -i list runawayjobs >/dev/null 2>&1 || true
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+dbd_host() { if [ "$HOSTS" -le 1 ]; then echo localhost; else echo caco-login; fi; }  # login
+
+# ------------------------------------------------------------------ the hosts' network
+net_in_use() {  # something other than our bridge uses the subnet
+  ip -4 -o addr show 2>/dev/null | grep -v " $BRIDGE " | grep -q " $NET\." && return 0
+  ip -4 route show 2>/dev/null | grep -v " dev $BRIDGE " | grep -q "^$NET\." && return 0
+  return 1
+}
+
+net_down() {  # every namespace, link and hosts file a start made (also after a crash)
+  local ns pid
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^caco-h[0-9]*$' || true); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "/etc/netns/$ns"
+  done
+  for ns in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
+              | grep '^cv-h[0-9]*$' || true); do
+    ip link del "$ns" 2>/dev/null || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+}
+
+net_up() {
+  local i n hosts
+  command -v ip >/dev/null || die "a multi-host cluster needs iproute2 (apt-get install iproute2)"
+  net_in_use && die "the subnet $NET.0/24 is used on this machine; a multi-host cluster needs it"
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$NET.1/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  hosts="127.0.0.1 localhost"$'\n'"$NET.1 caco-login"$'\n'
+  for n in $(nodes); do hosts+="$(node_addr "$n") $n"$'\n'; done
+  printf '%s' "$hosts" >"$ETC/login-hosts"
+  for n in $(nodes); do
+    i=${n#caco-h}
+    ip netns add "$n"
+    ip link add "cv-h$i" type veth peer name "cvp-h$i"
+    ip link set "cvp-h$i" netns "$n"
+    ip -n "$n" link set "cvp-h$i" name eth0
+    ip -n "$n" addr add "$(node_addr "$n")/24" dev eth0
+    ip -n "$n" link set eth0 up
+    ip -n "$n" link set lo up
+    ip link set "cv-h$i" master "$BRIDGE" up
+    mkdir -p "/etc/netns/$n"          # mounted over /etc/hosts for the host's processes
+    printf '%s' "$hosts" >"/etc/netns/$n/hosts"
+  done
+}
+
+start_slurmd() {  # node
+  local n=$1 name
+  name=$(slurmd_name "$n")
+  if [ "$HOSTS" -le 1 ]; then
+    slurmd -D -N localhost >"$LOG/slurmd.out" 2>&1 &
+  else  # inside the host's network namespace, with its own hostname and /etc/hosts
+    # (nsenter, not `ip netns exec`: that remounts /sys, which hides the cgroup slurmd reads)
+    nsenter --net="/run/netns/$n" unshare --uts --mount sh -c \
+      "mount --bind /etc/netns/$n/hosts /etc/hosts && hostname $n && exec slurmd -D -N $n" \
+      >"$LOG/$name.out" 2>&1 &
+  fi
+  echo $! >"$RUN/$name.pid"
+  wait_for 60 "slurmd of $n on port 6818" port_open "$(node_addr "$n")" 6818
+}
 
 start_slurm() {
+  local n
   rm -rf "$SPOOL/ctld" "$SPOOL/d"
-  mkdir -p "$SPOOL/ctld" "$SPOOL/d"
+  mkdir -p "$SPOOL/ctld"
+  for n in $(nodes); do mkdir -p "$SPOOL/d/$n"; done
   rm -f "$RUN"/*.daemon.pid
-  # Own UTS namespace, hostname localhost: with NoInAddrAny it listens on 127.0.0.1 only.
-  unshare --uts sh -c 'hostname localhost && exec slurmdbd -D' >"$LOG/slurmdbd.out" 2>&1 &
+  if [ "$HOSTS" -le 1 ]; then
+    # Own UTS namespace, hostname localhost: with NoInAddrAny it listens on 127.0.0.1 only.
+    unshare --uts sh -c 'hostname localhost && exec slurmdbd -D' >"$LOG/slurmdbd.out" 2>&1 &
+  else  # hostname caco-login, which its own /etc/hosts maps to the bridge address
+    unshare --uts --mount sh -c "mount --bind $ETC/login-hosts /etc/hosts && \
+      hostname caco-login && exec slurmdbd -D" >"$LOG/slurmdbd.out" 2>&1 &
+  fi
   echo $! >"$RUN/slurmdbd.pid"
-  wait_for 60 "slurmdbd on port 6819" port_open 6819
-  slurmctld -D -i >"$LOG/slurmctld.out" 2>&1 &
+  wait_for 60 "slurmdbd on port 6819" port_open "$(ctld_addr)" 6819
+  if [ "$HOSTS" -le 1 ]; then
+    slurmctld -D -i >"$LOG/slurmctld.out" 2>&1 &
+  else  # like slurmdbd: bound to the bridge address, which the compute hosts reach
+    unshare --uts --mount sh -c "mount --bind $ETC/login-hosts /etc/hosts && \
+      hostname caco-login && exec slurmctld -D -i" >"$LOG/slurmctld.out" 2>&1 &
+  fi
   echo $! >"$RUN/slurmctld.pid"
   wait_for 60 "slurmctld" scontrol ping
-  slurmd -D -N localhost >"$LOG/slurmd.out" 2>&1 &
-  echo $! >"$RUN/slurmd.pid"
-  wait_for 60 "slurmd on port 6818" port_open 6818
-  wait_for 90 "the node to be idle" node_idle
+  for n in $(nodes); do start_slurmd "$n"; done
+  for n in $(nodes); do wait_for 90 "$n to be idle" node_idle "$n"; done
   wait_for 60 "the cluster in the accounting database" cluster_registered
   close_runaway_jobs
 }
 
-node_idle() {
+node_idle() {  # node
   local s
-  s=$(sinfo -h -n localhost -o %T 2>/dev/null | head -n1)
+  s=$(sinfo -h -n "$1" -o %T 2>/dev/null | head -n1)
   case "$s" in
     idle*|mixed*|allocated*) return 0 ;;
-    down*|drain*|fail*) scontrol update nodename=localhost state=resume >/dev/null 2>&1; return 1 ;;
+    down*|drain*|fail*) scontrol update nodename="$1" state=resume >/dev/null 2>&1; return 1 ;;
     *) return 1 ;;
   esac
+}
+
+host_down() {  # I: the host dies: its slurmd and every process in its namespace, at once
+  local n=caco-h$1 pid
+  [ "$HOSTS" -ge 2 ] && ip netns list | grep -q "^$n\b" || die "no host $1 on this cluster"
+  for pid in $(ip netns pids "$n"); do kill -9 "$pid" 2>/dev/null || true; done
+  say "host $n is down"
+}
+
+host_up() {  # I: the host boots again (its slurmd registers; SLURM returns it to service)
+  local n=caco-h$1
+  [ "$HOSTS" -ge 2 ] && ip netns list | grep -q "^$n\b" || die "no host $1 on this cluster"
+  ours "$(pid_of "$(slurmd_name "$n")")" slurmd && { say "host $n is up already"; return; }
+  start_slurmd "$n"
+  wait_for 90 "$n to be idle" node_idle "$n"
+  say "host $n is up"
+}
+
+# ------------------------------------------------------------------ the tracking server
+tracking_addr() { ctld_addr; }
+tracking_uri() { echo "http://$(tracking_addr):$TRACK_PORT"; }
+tracking_ready() {
+  "$PYTHON" -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('$(tracking_uri)/health', timeout=3).status != 200)"
+}
+
+start_tracking() {
+  local dbpass admin
+  dbpass=$(secret mlflow_db_password)
+  admin=$(secret mlflow_admin_password)
+  mysql_cli <<EOF
+CREATE DATABASE IF NOT EXISTS mlflow;
+CREATE USER IF NOT EXISTS 'mlflow'@'127.0.0.1' IDENTIFIED BY '$dbpass';
+ALTER USER 'mlflow'@'127.0.0.1' IDENTIFIED BY '$dbpass';
+GRANT ALL ON mlflow.* TO 'mlflow'@'127.0.0.1';
+FLUSH PRIVILEGES;
+EOF
+  mkdir -p "$STATE/mlflow/artifacts"
+  (umask 077
+   cat >"$ETC/mlflow_auth.ini" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///$STATE/mlflow/basic_auth.db
+admin_username = caco
+admin_password = $admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
+   printf 'username=caco\npassword=%s\n' "$admin" >"$SECRETS/mlflow_credentials")
+  chmod 600 "$SECRETS/mlflow_credentials" "$ETC/mlflow_auth.ini"
+  # Secrets through the environment and 0600 files, never on a command line (ps shows those).
+  (cd "$STATE/mlflow" && MLFLOW_AUTH_CONFIG_PATH="$ETC/mlflow_auth.ini" \
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$(secret mlflow_flask_key)" \
+    MLFLOW_BACKEND_STORE_URI="mysql+pymysql://mlflow:$dbpass@127.0.0.1:$DB_PORT/mlflow" \
+    exec "$PYTHON" -m mlflow server --app-name basic-auth --host "$(tracking_addr)" \
+      --port "$TRACK_PORT" --workers 1 --artifacts-destination "$STATE/mlflow/artifacts" \
+      >"$LOG/mlflow.out" 2>&1) &
+  echo $! >"$RUN/mlflow.pid"
+  local end=$((SECONDS + 240))
+  until tracking_ready >/dev/null 2>&1; do
+    alive "$(pid_of mlflow)" || die "the MLflow tracking server exited; see $LOG/mlflow.out"
+    [ $SECONDS -lt $end ] || die "the MLflow tracking server did not answer in 240 s; see $LOG/mlflow.out"
+    sleep 0.5
+  done
+  printf '{"uri": "%s", "credentials_file": "%s"}\n' "$(tracking_uri)" \
+    "$SECRETS/mlflow_credentials" >"$STATE/tracking.json"
 }
 
 cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; }
@@ -273,9 +451,10 @@ controller_last_job_id() {  # jobs the controller still knows (accounting may la
 }
 
 stop_all() {
-  local i name pid
-  for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-    name=${DAEMONS[$i]}
+  local i name pid all
+  read -r -a all <<<"$(daemons | paste -sd' ' -)"
+  for ((i = ${#all[@]} - 1; i >= 0; i--)); do
+    name=${all[$i]}
     pid=$(pid_of "$name")
     if ours "$pid" "$name"; then
       kill "$pid" 2>/dev/null || true
@@ -290,41 +469,77 @@ stop_all() {
 }
 
 status() {
-  local rc=0 name pid
-  for name in "${DAEMONS[@]}"; do
+  local rc=0 name pid n
+  for name in $(daemons); do
     pid=$(pid_of "$name")
+    if [ "$name" = mlflow ] && [ ! -e "$STATE/tracking.json" ]; then continue; fi
     if ours "$pid" "$name"; then say "$name running ($pid)"; else say "$name not running"; rc=1; fi
   done
-  [ $rc = 0 ] && sinfo -N -o "%N %T %c %m" 2>/dev/null | sed 's/^/local_slurm: /'
+  say "hosts: $HOSTS"
+  for n in $(nodes); do
+    say "host $n ($(node_addr "$n")): $(sinfo -h -n "$n" -o %T 2>/dev/null || echo unknown)"
+  done
+  if [ -e "$STATE/tracking.json" ]; then
+    if tracking_ready >/dev/null 2>&1; then
+      say "tracking: $(tracking_uri) ready (tracking=server tracking.uri=$(tracking_uri) tracking.credentials_file=$SECRETS/mlflow_credentials)"
+    else
+      say "tracking: $(tracking_uri) not ready"; rc=1
+    fi
+  fi
   return $rc
 }
 
+stop_cluster() {
+  if ours "$(pid_of slurmctld)" slurmctld && ours "$(pid_of mariadbd)" mariadbd; then
+    remember_last_job_id "$(controller_last_job_id)"
+  fi
+  stop_all
+  net_down
+  rm -f "$STATE/tracking.json"
+  touch "$STATE/stopped_cleanly"
+}
+
+usage() { echo "usage: $0 start [--hosts N] [--tracking] | stop | status | host-down I | host-up I" >&2; exit 2; }
+
 cmd=${1:-}
+[ $# -gt 0 ] && shift
 case "$cmd" in
   start)
     need_root start
+    hosts=1 tracking=0
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --hosts) [ $# -ge 2 ] || usage; hosts=$2; shift 2 ;;
+        --hosts=*) hosts=${1#--hosts=}; shift ;;
+        --tracking) tracking=1; shift ;;
+        *) usage ;;
+      esac
+    done
+    case "$hosts" in ''|*[!0-9]*) die "--hosts $hosts: give a number of hosts (1 to 8)" ;; esac
+    [ "$hosts" -ge 1 ] && [ "$hosts" -le 8 ] || die "--hosts $hosts: use 1 to 8 hosts"
     mkdir -p "$ETC" "$RUN" "$LOG" "$SPOOL"
-    stop_all >/dev/null   # stale daemons of an earlier start (recorded PIDs only)
+    stop_cluster >/dev/null  # what an earlier start left, even after a crash
+    HOSTS=$hosts
+    echo "$HOSTS" >"$STATE/hosts"
     install_packages
+    [ "$HOSTS" -ge 2 ] && net_up
     start_munge
     start_mariadb         # (also remembers the highest job id handed out so far)
     write_configs
     start_slurm
-    say "cluster '$CLUSTER' up: $(sinfo -h -o '%D node, %c CPUs, %m MB' | head -n1); logs in $LOG"
+    [ "$tracking" = 1 ] && start_tracking
+    say "cluster '$CLUSTER' up: $(sinfo -h -o '%D node(s), %c CPUs, %m MB' | head -n1); logs in $LOG"
+    [ "$tracking" = 1 ] && say "tracking server: $(tracking_uri) (credentials: $SECRETS/mlflow_credentials)"
+    true
     ;;
   stop)
     need_root stop
-    if ours "$(pid_of slurmctld)" slurmctld && ours "$(pid_of mariadbd)" mariadbd; then
-      remember_last_job_id "$(controller_last_job_id)"
-    fi
-    stop_all
-    touch "$STATE/stopped_cleanly"
+    stop_cluster
     ;;
   status)
     status
     ;;
-  *)
-    echo "usage: $0 start|stop|status" >&2
-    exit 2
-    ;;
+  host-down) need_root host-down; [ $# -eq 1 ] || usage; host_down "$1" ;;
+  host-up) need_root host-up; [ $# -eq 1 ] || usage; host_up "$1" ;;
+  *) usage ;;
 esac
