@@ -65,3 +65,35 @@ def check_pretrain(cfg: DictConfig) -> None:
         parse_dag(nodes, registry(cfg))
     if cfg.get("tracking") is not None:
         check_settings(cfg.tracking)
+        if not local:
+            _check_reachable_tracking(cfg.tracking)
+
+
+def cluster_hosts() -> int | None:
+    """How many compute hosts the SLURM cluster has (None when it cannot be asked)."""
+    from caco.slurm_accounting import SlurmUnavailable, run_command
+
+    try:
+        proc = run_command(["sinfo", "-h", "-N", "-o", "%N"], 10)
+    except SlurmUnavailable:
+        return None
+    return len(set(proc.stdout.split())) if proc.returncode == 0 else None
+
+
+def _check_reachable_tracking(t) -> None:
+    """A loopback tracking server is on the login host only: jobs on other hosts cannot
+    reach it (they would buffer forever)."""
+    from urllib.parse import urlsplit
+
+    uri = str(t.get("uri") or "")
+    if not t.get("enabled", True) or not uri.startswith(("http://", "https://")):
+        return
+    host = urlsplit(uri).hostname or ""
+    if not (host == "localhost" or host.startswith("127.") or host == "::1"):
+        return
+    hosts = cluster_hosts()
+    if hosts is not None and hosts > 1:
+        raise ConfigError(
+            f"tracking.uri={uri} is a loopback address, which the cluster's {hosts} compute "
+            "hosts cannot reach; use the tracking server's address on the cluster network "
+            "(e.g. tracking.uri=http://<login host>:<port>)")

@@ -287,24 +287,31 @@ net_in_use() {  # something other than our bridge uses the subnet
   return 1
 }
 
-net_down() {  # every namespace, link and hosts file a start made (also after a crash)
-  local ns pid
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^caco-h[0-9]*$' || true); do
-    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-    ip netns del "$ns" 2>/dev/null || true
-    rm -rf "/etc/netns/$ns"
-  done
-  for ns in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
-              | grep '^cv-h[0-9]*$' || true); do
-    ip link del "$ns" 2>/dev/null || true
-  done
-  ip link del "$BRIDGE" 2>/dev/null || true
+net_down() {  # every namespace, link and hosts file a start made (also after a crash):
+  local kind name pid  # exactly those its state directory recorded (see net_up)
+  [ -e "$STATE/net" ] || return 0
+  while read -r kind name; do
+    case "$kind" in
+      netns)
+        for pid in $(ip netns pids "$name" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+        ip netns del "$name" 2>/dev/null || true
+        rm -rf "/etc/netns/$name" ;;
+      link) ip link del "$name" 2>/dev/null || true ;;
+    esac
+  done < <(tac "$STATE/net")  # links before the bridge they hang on
+  rm -f "$STATE/net"
 }
+
+net_record() { echo "$1 $2" >>"$STATE/net"; }  # before it is made: a crash leaves no orphan
 
 net_up() {
   local i n hosts
   command -v ip >/dev/null || die "a multi-host cluster needs iproute2 (apt-get install iproute2)"
   net_in_use && die "the subnet $NET.0/24 is used on this machine; a multi-host cluster needs it"
+  ip link show "$BRIDGE" >/dev/null 2>&1 && die "the bridge $BRIDGE exists but was not made \
+by this state directory ($STATE); stop the cluster that made it (CACO_SLURM_STATE=... $0 stop)"
+  : >"$STATE/net"
+  net_record link "$BRIDGE"
   ip link add "$BRIDGE" type bridge
   ip addr add "$NET.1/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
@@ -313,7 +320,9 @@ net_up() {
   printf '%s' "$hosts" >"$ETC/login-hosts"
   for n in $(nodes); do
     i=${n#caco-h}
+    net_record netns "$n"
     ip netns add "$n"
+    net_record link "cv-h$i"
     ip link add "cv-h$i" type veth peer name "cvp-h$i"
     ip link set "cvp-h$i" netns "$n"
     ip -n "$n" link set "cvp-h$i" name eth0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -64,3 +66,41 @@ def keys_in_sacct(key: str) -> list[str]:
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName", "-S", "2000-01-01",
                           "--name", key], capture_output=True, text=True, timeout=30).stdout
     return [line.split("|")[0] for line in out.splitlines() if line.endswith("|" + key)]
+
+
+STATE = Path(os.environ.get("CACO_SLURM_STATE", "/var/tmp/caco-slurm"))
+
+
+def cluster_hosts() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return sorted(set(out.split()))
+
+
+def cluster_tracking() -> dict:
+    """The cluster's tracking server (``local_slurm.sh start --tracking``): uri and
+    credentials file; the test process gets the credentials to read what jobs logged."""
+    info = STATE / "tracking.json"
+    if not info.exists():
+        pytest.fail("the cluster has no tracking server; start it with: bash "
+                    "launch/local_slurm.sh start --hosts 2 --tracking")
+    data = json.loads(info.read_text())
+    from caco.tracking import read_credentials
+
+    user, password = read_credentials(data["credentials_file"])
+    os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return data
+
+
+def tracking_overrides(experiment: str = "caco") -> list[str]:
+    t = cluster_tracking()
+    return ["tracking=server", f"tracking.uri={t['uri']}",
+            f"tracking.credentials_file={t['credentials_file']}",
+            f"tracking.experiment={experiment}"]
+
+
+def tracking_client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(cluster_tracking()["uri"])

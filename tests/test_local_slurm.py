@@ -1,5 +1,5 @@
 """The local SLURM cluster is safe to run as root: it stops only what it started, listens on
-loopback only, keeps its secrets private and never hands out a job id twice."""
+its own addresses only (loopback, the multi-host subnet), keeps its secrets private and never hands out a job id twice."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ pytestmark = pytest.mark.slurm
 STATE = Path(os.environ.get("CACO_SLURM_STATE", "/var/tmp/caco-slurm"))
 
 
-def _listening() -> list[tuple[str, int, int]]:
-    """(address, port, inode) of every listening TCP socket (IPv4 and IPv6)."""
+def _listening(pid: int | str = "self") -> list[tuple[str, int, int]]:
+    """(address, port, inode) of every listening TCP socket (IPv4 and IPv6) in the network
+    namespace of ``pid`` (a compute host's daemons live in that host's namespace)."""
     out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] != "0A":  # LISTEN
@@ -45,14 +46,43 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def test_every_daemon_listens_on_loopback_only():
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+# The cluster's own addresses: loopback, and the multi-host cluster's private subnet (the
+# login host's bridge and the compute hosts' namespaces). Never all interfaces.
+CLUSTER_NET = ("127.", "10.77.0.")
+
+
+def test_every_daemon_listens_on_the_clusters_own_addresses_only():
     require_cluster()
-    listening = _listening()
-    for name in ("mariadbd", "slurmdbd", "slurmctld", "slurmd"):
+    daemons = ["mariadbd", "slurmdbd", "slurmctld"]
+    daemons += sorted(p.stem for p in (STATE / "run").glob("slurmd*.pid")
+                      if not p.name.endswith(".daemon.pid"))
+    if (STATE / "tracking.json").exists():
+        daemons.append("mlflow")  # its workers hold the socket: count the whole process tree
+    assert any(d.startswith("slurmd") for d in daemons), daemons
+    for name in daemons:
         pid = int((STATE / "run" / f"{name}.pid").read_text())
-        mine = [(ip, port) for ip, port, inode in listening if inode in _socket_inodes(pid)]
+        pids = _descendants(pid)
+        inodes = set().union(*(_socket_inodes(p) for p in pids))
+        mine = [(ip, port) for ip, port, inode in _listening(pid) if inode in inodes]
         assert mine, f"{name} listens nowhere?"
-        assert all(ip.startswith("127.") for ip, _ in mine), (name, mine)
+        assert all(ip.startswith(CLUSTER_NET) for ip, _ in mine), (name, mine)
 
 
 def test_secrets_are_private_and_not_from_the_repository():

@@ -192,6 +192,9 @@ class SlurmExecutor:
         partition = resources.get("partition") or self.partition
         if partition:
             params["slurm_partition"] = partition
+        for key in ("nodelist", "exclude", "constraint"):  # placing a node's job explicitly
+            if resources.get(key):
+                extra[key] = resources[key]
         executor.update_parameters(**params)
         node = f"dag.nodes.{job.node}"
         keys = {"gpus": f"{node}.resources.gpus", "cpus": f"{node}.resources.cpus",
