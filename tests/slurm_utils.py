@@ -1,4 +1,4 @@
-"""Talking to the one-node test cluster: sacct polling with bounded waits and useful failures."""
+"""Talking to the test cluster: sacct polling with bounded waits and useful failures."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ def require_cluster() -> None:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
                              timeout=20)
     except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"SLURM is not available ({e}); start it: bash launch/local_slurm.sh start")
+        pytest.fail(f"SLURM is not available ({e}); start it: bash launch/local_slurm.sh start "
+                    "--hosts 2 --tracking")
     if out.returncode != 0 or not out.stdout.strip():
-        pytest.fail("the one-node SLURM cluster is not running "
-                    f"({out.stderr.strip()}); start it: bash launch/local_slurm.sh start")
+        pytest.fail("the test SLURM cluster is not running "
+                    f"({out.stderr.strip()}); start it: bash launch/local_slurm.sh start "
+                    "--hosts 2 --tracking")
 
 
 def sacct_states(job_id: str, duplicates: bool = False) -> list[str]:

@@ -1,5 +1,6 @@
-"""The local SLURM cluster is safe to run as root: it stops only what it started, listens on
-its own addresses only (loopback, the multi-host subnet), keeps its secrets private and never hands out a job id twice."""
+"""The local SLURM cluster is safe to run as root: it stops only what it started (processes,
+namespaces, links), listens on its own addresses only (loopback, the multi-host subnet), keeps
+its secrets private and never hands out a job id twice."""
 
 from __future__ import annotations
 
@@ -123,3 +124,37 @@ def test_stop_kills_only_what_it_started(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_stop_removes_the_namespaces_and_links_its_start_recorded_and_nothing_else(tmp_path):
+    """What a crashed start left (a namespace with a process in it, a veth on the machine):
+    stop removes exactly that, and the live cluster's hosts and bridge stay."""
+    state = tmp_path / "state"
+    state.mkdir()
+    ns, veth = "caco-t9", "cv-t9"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "cvp-t9"],
+                   check=True)
+    inside = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"])
+    live_before = _netns() - {ns}
+    try:
+        (state / "net").write_text(f"netns {ns}\nlink {veth}\n")
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "stop"],
+                              env={**os.environ, "CACO_SLURM_STATE": str(state)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert inside.wait(timeout=10) != 0  # killed, not finished
+        assert ns not in _netns()
+        assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+        assert not (state / "net").exists()
+        assert _netns() - {ns} == live_before  # the running cluster's hosts are untouched
+        require_cluster()
+    finally:
+        inside.kill()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}

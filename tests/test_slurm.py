@@ -20,6 +20,8 @@ from slurm_utils import (
     require_cluster,
     sacct_states,
     task_pid,
+    tracking_client,
+    tracking_overrides,
     wait_for_jobs,
 )
 
@@ -60,7 +62,8 @@ def sweep(cluster, tmp_path_factory):
     """THE shared sweep: `-m cluster=slurm epochs=1,2 experiment=smoke dag=smoke`, as a user
     runs it (returns after submission); then waits for both jobs."""
     tmp = tmp_path_factory.mktemp("sweep")
-    ids, logs, _ = _submit(tmp, "epochs=1,2", "dag=smoke", *BROKEN)
+    ids, logs, _ = _submit(tmp, "epochs=1,2", "dag=smoke", *BROKEN,
+                           *tracking_overrides("slurm-sweep"))
     at_return = {j: (sacct_states(j) or ["PENDING"])[-1] for j in ids}
     states = wait_for_jobs(ids, 600, logs)
     return {"tmp": tmp, "ids": ids, "logs": logs, "at_return": at_return, "states": states}
@@ -80,8 +83,6 @@ def test_sweep_submits_one_job_per_point_and_returns(sweep):
 
 
 def test_sweep_points_have_their_checkpoints_and_mlflow_runs(sweep):
-    from mlflow.tracking import MlflowClient
-
     dirs = _run_dirs(sweep["tmp"])
     assert len(dirs) == 2 and ",epochs=1," in dirs[0].name and ",epochs=2," in dirs[1].name
     assert sorted(p.name for p in (dirs[0] / "checkpoints").iterdir()) == [
@@ -90,7 +91,7 @@ def test_sweep_points_have_their_checkpoints_and_mlflow_runs(sweep):
         "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
     run_ids = [json.loads((d / "tracking.json").read_text())["run_id"] for d in dirs]
     assert len(set(run_ids)) == 2
-    client = MlflowClient(f"sqlite:///{sweep['tmp']}/mlflow.db")
+    client = tracking_client()
     for run_id, epochs in zip(run_ids, (1, 2)):
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
@@ -155,9 +156,7 @@ def test_each_checkpoint_fans_out_into_slurm_jobs_with_their_dependencies(sweep,
 
 
 def test_slurm_evaluations_are_child_runs_with_parent_metrics(sweep, sweep_dag):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{sweep['tmp']}/mlflow.db")
+    client = tracking_client()
     run_dir = sweep_dag["dirs"][1]
     parent_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
     parent = client.get_run(parent_id)

@@ -25,6 +25,8 @@ from slurm_utils import (
     require_cluster,
     sacct_states,
     task_pid,
+    tracking_client,
+    tracking_overrides,
     wait_for_jobs,
 )
 
@@ -164,7 +166,7 @@ def test_sbatch_failures_transient_are_retried_permanent_are_recorded_and_retrie
 # ------------------------------------------------------------------ a Python error
 def test_an_exception_in_the_training_step_fails_the_job_visibly(tmp_path):
     proc = _launch(tmp_path, "epochs=1", "dag=none", "cluster.wait=true",
-                   faults="step.raise#3")
+                   *tracking_overrides("chaos-slurm"), faults="step.raise#3")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert re.search(r"1 of 1 sweep point\(s\) failed:\n  #0 .*: FAILED, job \d+", out), out
@@ -177,10 +179,8 @@ def test_an_exception_in_the_training_step_fails_the_job_visibly(tmp_path):
     assert "Job completed successfully" not in err
     log = (run_dir / "pretrain.log").read_text()
     assert "Traceback" in log and "pretraining failed: RuntimeError" in log
-    from mlflow.tracking import MlflowClient
-
     info = json.loads((run_dir / "tracking.json").read_text())
-    assert MlflowClient(info["uri"]).get_run(info["run_id"]).info.status == "FAILED"
+    assert tracking_client().get_run(info["run_id"]).info.status == "FAILED"
 
 
 def test_an_exception_on_one_of_two_ranks_ends_both_quickly(tmp_path):
