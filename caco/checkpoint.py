@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import random
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -289,6 +290,17 @@ def check_compatible(saved: Mapping, current: Mapping, path: Path) -> None:
                     "one", path, ", ".join(changed))
 
 
+def cpu_snapshot(obj: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tuples) whose tensors are new CPU tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return obj
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
@@ -318,16 +330,41 @@ class CheckpointManager:
     """A run's ``checkpoints/``: what the trainer saves and resumes from, and its milestones.
 
     ``config`` is the resolved run config (stored in every checkpoint, checked on resume);
-    ``before_write`` is called before anything is written (the run's lease check).
+    ``before_write`` is called before anything is written (the run's lease check). With
+    ``background`` a save snapshots the state into CPU memory and writes it in a thread while
+    training goes on: still atomically (a kill mid-write leaves the previous ``last.pt``), one
+    write at a time, and a failed write is raised by the next ``save``, ``publish`` or
+    :meth:`wait` (the trainer waits before it publishes a milestone, stops or ends).
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: Mapping[str, Any], *,
                  milestones: Iterable[int] = (), every: int = 0, epochs: int,
-                 before_write: Callable[[], None] = lambda: None) -> None:
+                 before_write: Callable[[], None] = lambda: None,
+                 background: bool = False) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.config = dict(config)
         self.milestones, self.every, self.epochs = set(milestones or ()), int(every or 0), epochs
         self.before_write = before_write
+        self.background = background
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Until the background write (if any) is on disk; raises CheckpointError if it
+        failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing {self.last} failed: {type(error).__name__}: "
+                                  f"{error}; the previous last.pt is intact") from error
+
+    def _write(self, payload: dict[str, Any]) -> None:
+        try:
+            save_last(payload, self.last)
+        except BaseException as e:  # raised in the trainer's thread by wait()
+            self._error = e
 
     @property
     def last(self) -> Path:
@@ -361,17 +398,26 @@ class CheckpointManager:
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
              schedules: Mapping[str, Any]) -> Path:
         self.before_write()
-        return save_last({
+        self.wait()
+        payload = {
             "format": CHECKPOINT_FORMAT, "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch, "arch": self.config["model"]["arch"],
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "config": self.config, "schedules": dict(schedules),
             "data_seed": int(self.config["seed"]), "mlflow_run_id": state.mlflow_run_id,
-            "rng": rng_state()}, self.last)
+            "rng": rng_state()}
+        if not self.background:
+            return save_last(payload, self.last)
+        # Training goes on mutating the live tensors: the thread writes a copy of this instant.
+        self._writer = threading.Thread(target=self._write, args=(cpu_snapshot(payload),),
+                                        name="caco-checkpoint-writer")
+        self._writer.start()
+        return self.last
 
     def publish(self, epoch: int) -> Path:
         """``last.pt`` of a completed milestone epoch -> ``epoch_NNNN.pt``."""
         self.before_write()
+        self.wait()
         return publish_milestone(self.last, epoch)
 
     def missed_milestone(self, state: TrainState) -> int | None:

@@ -95,13 +95,19 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per sample, reflect padding."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int,
+                  selected: torch.Tensor | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per sample, reflect padding; samples not
+    ``selected`` get a delta kernel (their pixels come back unchanged)."""
     b, c, h, w = x.shape
     radius = min(radius, h - 1, w - 1)
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (taps.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    if selected is not None:
+        delta = (taps == 0).to(x.dtype).expand_as(kernel)
+        kernel = torch.where(selected.view(-1, 1), kernel, delta)
+    kernel = kernel.repeat_interleave(c, dim=0)
     y = x.reshape(1, b * c, h, w)
     y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
     y = F.conv2d(y, kernel.view(b * c, 1, 1, -1), groups=b * c)
@@ -148,27 +154,32 @@ class ViewColorAugment:
         }
 
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Colour ops with given ``params`` on float images in [0, 1]; returns new memory."""
-        x = x.clone()
+        """Colour ops with given ``params`` on float images in [0, 1]; returns new memory.
+
+        Branch-free: every op runs on the whole batch, a sample it does not select gets the
+        op's identity (factor 1 for brightness, contrast and saturation, a delta kernel for
+        the blur) or keeps its pixels through ``torch.where`` (hue, grayscale, solarize).
+        Nothing depends on the data's values, so nothing waits for the device and the stage
+        can be compiled; a selected sample gets exactly what the op computes for it alone."""
         params = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
         a = self.aug
         if a.jitter_p > 0:
             for r in range(4):
+                op_now = torch.where(params["jitter"], params["order"][:, r], -1)
                 for op_index, op in enumerate(_JITTER_OPS):
-                    sel = params["jitter"] & (params["order"][:, r] == op_index)
-                    if sel.any():
-                        idx = sel.nonzero().squeeze(1)
-                        x[idx] = op(x[idx], params["factors"][idx, op_index])
-        if a.gray_p > 0 and params["gray"].any():
-            idx = params["gray"].nonzero().squeeze(1)
-            x[idx] = gray(x[idx]).expand(-1, 3, -1, -1)
-        if a.blur_p > 0 and params["blur"].any():
-            idx = params["blur"].nonzero().squeeze(1)
-            x[idx] = gaussian_blur(x[idx], params["sigma"][idx], self.blur_radius)
-        if a.solarize_p > 0 and params["solarize"].any():
-            idx = params["solarize"].nonzero().squeeze(1)
-            xs = x[idx]
-            x[idx] = torch.where(xs >= a.solarize_threshold / 255.0, 1.0 - xs, xs)
+                    sel = op_now == op_index
+                    f = params["factors"][:, op_index]
+                    if op is adjust_hue:
+                        x = torch.where(_per_sample(sel), op(x, f), x)
+                    else:
+                        x = op(x, torch.where(sel, f, torch.ones_like(f)))
+        if a.gray_p > 0:
+            x = torch.where(_per_sample(params["gray"]), gray(x).expand(-1, 3, -1, -1), x)
+        if a.blur_p > 0:
+            x = gaussian_blur(x, params["sigma"], self.blur_radius, params["blur"])
+        if a.solarize_p > 0:
+            flip = _per_sample(params["solarize"]) & (x >= a.solarize_threshold / 255.0)
+            x = torch.where(flip, 1.0 - x, x)
         return x
 
     def __call__(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

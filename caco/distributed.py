@@ -178,10 +178,13 @@ def wrap_for_training(core: torch.nn.Module, device: torch.device, world: int
     # The bank is identical on every rank by construction (averaged gradient); broadcasting
     # it as a buffer at every forward would cost a full copy per step.
     ids = [device] if device.type == "cuda" else None
+    # Gradients as views into the all-reduce buckets: no copy in and out of them per step.
     try:
-        return core, DDP(core, device_ids=ids, forward_sync_buffers=False)
+        return core, DDP(core, device_ids=ids, forward_sync_buffers=False,
+                         gradient_as_bucket_view=True)
     except TypeError:  # torch before forward_sync_buffers
-        return core, DDP(core, device_ids=ids, broadcast_buffers=False)
+        return core, DDP(core, device_ids=ids, broadcast_buffers=False,
+                         gradient_as_bucket_view=True)
 
 
 def check_replicas(tensors: list[torch.Tensor], device: torch.device, epoch: int) -> None:

@@ -23,19 +23,22 @@ class KnnMonitor:
         self._data = None
 
     def after_epoch(self, model, epoch: int) -> dict[str, float]:
-        """``{'train/knn_top1': ...}`` when this epoch is monitored (on rank 0), else {}."""
-        if not (self.rt.is_main and self.every and epoch % self.every == 0):
+        """``{'train/knn_top1': ...}`` when this epoch is monitored (on rank 0), else {}.
+        Every rank extracts the features of its share of both splits (no rank idles)."""
+        if not (self.every and epoch % self.every == 0):
             return {}
         from caco.knn import knn_accuracy, knn_loaders
         from caco.model import Backbone
 
         k = self.cfg.eval.knn
         if self._data is None:
-            self._data = knn_loaders(self.cfg.data, k)
+            self._data = knn_loaders(self.cfg.data, k, shard=(self.rt.rank, self.rt.world))
         result = knn_accuracy(Backbone(model.encoder_q), *self._data, k=k.k,
                               temperature=k.temperature, device=self.rt.device,
                               channels_last=self.rt.channels_last,
                               autocast_dtype=self.rt.autocast_dtype,
                               progress=show_progress(self.cfg.get("progress", "auto")))
+        if not self.rt.is_main:
+            return {}
         log.info("kNN monitor after epoch %d: top-1 %.2f", epoch, result["top1"])
         return {"train/knn_top1": result["top1"]}

@@ -19,6 +19,7 @@ class Runtime:
     compile: bool
     rank: int = 0
     world: int = 1
+    prefetch: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +67,7 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
         raise ConfigError(f"precision={cfg.precision!r}: use auto, fp32 or bf16")
     channels_last = _auto_bool(cfg.channels_last, device.type == "cuda", "channels_last")
     compile_ = _auto_bool(cfg.compile, False, "compile")
+    prefetch = _auto_bool(cfg.get("prefetch", "auto"), device.type == "cuda", "prefetch")
     rank, world = 0, 1
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -73,5 +75,7 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     if int(cfg.get("threads", 0)) > 0 and device.type == "cpu":
         torch.set_num_threads(int(cfg.threads))
+    if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = True
     return Runtime(device, torch.bfloat16 if precision == "bf16" else None, channels_last,
-                   compile_, rank, world)
+                   compile_, rank, world, prefetch)

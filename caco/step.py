@@ -8,7 +8,7 @@ model, the only pattern DDP allows with a single backward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +25,11 @@ INIT_EMA_MOMENTUM = 0.999
 
 @dataclass
 class StepResult:
-    """What one step reports.
+    """What one step reports, as tensors on the step's device (0-dim for scalars): reading
+    them (``float(result.loss)``) waits for the device, so the trainer does it only on
+    logging steps.
 
-    ``loss`` is the back-propagated loss. ``labels``: for two views ``[y1, y2]`` (y1, the
+    ``loss`` is the back-propagated loss (detached). ``labels``: for two views ``[y1, y2]`` (y1, the
     targets of view 1's queries, chosen by view 2's key); for multi-crop one tensor per
     global key view j, ``argmax_k key_j . W_hat_k``. ``positive_prob`` is the mean softmax
     probability (at ``moco_t``) of the positive column over all pairs;
@@ -35,10 +37,14 @@ class StepResult:
     its batch size (near 0 means the bank has collapsed onto few columns).
     """
 
-    loss: float
+    loss: torch.Tensor
     labels: list[torch.Tensor]
-    positive_prob: float
-    positive_columns_frac: float
+    positive_prob: torch.Tensor
+    positive_columns_frac: torch.Tensor
+
+
+def _no_mark(phase: str) -> None:
+    pass
 
 
 def unwrap(model: nn.Module) -> CaCo:
@@ -84,21 +90,27 @@ def caco_step(
     memory_lr: float,
     ema_momentum: float,
     autocast_dtype: torch.dtype | None = None,
+    mark: Callable[[str], None] | None = None,
 ) -> StepResult:
     """One step as the reference runs it.
 
     EMA update of f_k, keys of the two (global) views, swapped-key positives, the
     cross-entropy loss at ``moco_t``, backward, optimizer step, then the bank update at
     ``mem_t`` with the queries and bank from before the step, the gradient averaged over
-    ranks when a process group is initialised.
+    ranks when a process group is initialised. ``mark(phase)``, when given, is called as
+    each phase begins (``forward``, ``loss``, ``backward``, ``optimizer``, ``bank``) and
+    with ``end``: what a profiler hangs its timers on.
     """
+    mark = mark or _no_mark
     core = unwrap(model)
     bank = core.bank
     device = views[0].device
     pairs = loss_pairs(len(views))
 
+    mark("forward")
     with _autocast(device, autocast_dtype):
         queries, keys = model(views, ema_momentum)
+    mark("loss")
     w_hat, norms = bank.normalized()
     logits = [bank_logits(q, w_hat) for q in queries]
     key_labels = [positive_labels(k, w_hat) for k in keys]
@@ -110,10 +122,13 @@ def caco_step(
         loss = loss + weight * ce.mean()
         pos_prob = pos_prob + torch.exp(-ce.detach()).mean()
 
+    mark("backward")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    mark("optimizer")
     optimizer.step()
 
+    mark("bank")
     with torch.no_grad():
         grad = torch.zeros_like(w_hat)
         for i, j, weight in pairs:
@@ -128,13 +143,23 @@ def caco_step(
         bank.apply_gradient(grad, memory_lr, core.mem_momentum)
 
     labels = [key_labels[1], key_labels[0]] if len(views) == 2 else key_labels
-    distinct = sum(torch.unique(y).numel() / y.numel() for y in key_labels) / len(key_labels)
+    distinct = torch.stack([distinct_fraction(y, bank.size) for y in key_labels]).mean()
+    mark("end")
     return StepResult(
-        loss=float(loss.detach()),
+        loss=loss.detach(),
         labels=labels,
-        positive_prob=float(pos_prob) / len(pairs),
+        positive_prob=pos_prob / len(pairs),
         positive_columns_frac=distinct,
     )
+
+
+def distinct_fraction(labels: torch.Tensor, size: int) -> torch.Tensor:
+    """Distinct values in ``labels`` (in ``[0, size)``) over their number, on the device:
+    a scatter into a histogram of ``size`` bins, not ``unique`` (whose output shape depends
+    on the data and so waits for the device)."""
+    seen = torch.zeros(size, device=labels.device)
+    seen.index_fill_(0, labels, 1.0)
+    return seen.sum() / labels.numel()
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -185,7 +210,7 @@ def init_bank(
             n = min(len(new_keys), bank.size - filled)
             bank.W[:, filled : filled + n] = new_keys[:n].t().to(bank.W.dtype)
             filled += n
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         if filled >= bank.size:
             break
     if filled < bank.size:
@@ -195,4 +220,4 @@ def init_bank(
         )
     core.reset_key_encoder()
     bank.reset_momentum()
-    return losses
+    return torch.stack(losses).tolist()  # one wait for the device, not one per batch

@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import caco.step as steps
-from caco.checkpoint import CheckpointManager, TrainState
+from caco.checkpoint import CheckpointError, CheckpointManager, TrainState
 from caco.errors import ConfigError, TrainingDiverged
 from caco.lease import LeaseHeld, RunLease
 from caco.model import build_model
@@ -101,7 +101,7 @@ class Pretrainer:
         cfg, rt, o = self.cfg, self.rt, self.cfg.optim
         self.loader = build_pretrain_loader(
             cfg.data, cfg.batch_size // rt.world, rank=rt.rank, world=rt.world, seed=cfg.seed,
-            pin_memory=rt.device.type == "cuda")
+            pin_memory=rt.device.type == "cuda", device=str(rt.device))
         self.augment = build_device_augment(cfg.data)
         self.core, self.model = wrap_for_training(build_model(cfg.model, cfg.seed), rt.device,
                                                   rt.world)
@@ -120,7 +120,8 @@ class Pretrainer:
         c = cfg.checkpoint
         self.ckpts = CheckpointManager(self.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                        milestones=c.milestones or (), every=c.every,
-                                       epochs=cfg.epochs, before_write=self._check_lease)
+                                       epochs=cfg.epochs, before_write=self._check_lease,
+                                       background=bool(c.get("background", True)))
         self.monitor = KnnMonitor(cfg, rt)
 
     def _start_tracking(self) -> None:
@@ -165,6 +166,19 @@ class Pretrainer:
         out = self.augment(on_device, batch_seed(self.cfg.seed, epoch, step, self.rt.rank))
         return [v.contiguous(memory_format=fmt) for v in out]
 
+    def _prepared(self, batches, epoch: int, start_step: int
+                  ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """``(step, views on the device)``; with ``prefetch`` one batch ahead (on CUDA on a
+        side stream, overlapping the step)."""
+        if not self.rt.prefetch:
+            for i, (views, _) in enumerate(batches, start=start_step):
+                yield i, self._to_device(views, epoch, i)
+            return
+        from caco.prefetch import prefetch, stream_for
+
+        yield from prefetch(batches, lambda views, i: self._to_device(views, epoch, i),
+                            start_step, stream_for(self.rt.device))
+
     def _init_batches(self) -> Iterator[list[torch.Tensor]]:
         """Deterministic batches for the bank initialisation (epochs -1, -2, ...)."""
         for e in itertools.count(1):
@@ -202,30 +216,45 @@ class Pretrainer:
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "status": "finished",
                                    "run_id": self.state.mlflow_run_id}
         try:
-            missed = self.ckpts.missed_milestone(self.state) if resumed else None
-            if missed is not None and self.rt.is_main:
-                log.warning("milestone epoch %d was never published (interrupted after last.pt "
-                            "was written); publishing it now", missed)
-                self._publish(missed)
-            if resumed is None and self.cfg.optim.bank_init:
-                self._init_bank()
-                if self.should_stop():
-                    summary["status"] = "stopped"
-                    return summary
-            start, start_step = self.state.epoch, self.state.step_in_epoch
-            for epoch in range(start, self.cfg.epochs):
-                if self._train_epoch(epoch, start_step if epoch == start else 0):
-                    summary["status"] = "stopped"
-                    return summary
-                summary.update(self._end_epoch(epoch + 1))
+            self._train(summary, resumed is not None)
+            self.ckpts.wait()  # a stop hands over to a requeue that must find last.pt
         except BaseException as e:
+            try:
+                self.ckpts.wait()
+            except CheckpointError as write_error:
+                log.error("%s", write_error)
             if self.tracker:
                 self.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-        if self.tracker:
-            self.tracker.end("FINISHED")
-        summary["epochs"] = self.cfg.epochs
+        if summary["status"] == "finished":
+            if self.tracker:
+                self.tracker.end("FINISHED")
+            summary["epochs"] = self.cfg.epochs
         return summary
+
+    def _train(self, summary: dict[str, Any], resumed: bool) -> None:
+        """The bank initialisation (a fresh run) and the epochs; ``summary['status']`` is
+        set to ``'stopped'`` when a stop request ends it early."""
+        missed = self.ckpts.missed_milestone(self.state) if resumed else None
+        if missed is not None and self.rt.is_main:
+            log.warning("milestone epoch %d was never published (interrupted after last.pt "
+                        "was written); publishing it now", missed)
+            self._publish(missed)
+        if not resumed and self.cfg.optim.bank_init:
+            self._init_bank()
+            if self.should_stop():
+                summary["status"] = "stopped"
+                return
+        start, start_step = self.state.epoch, self.state.step_in_epoch
+        for epoch in range(start, self.cfg.epochs):
+            if self._train_epoch(epoch, start_step if epoch == start else 0):
+                summary["status"] = "stopped"
+                return
+            summary.update(self._end_epoch(epoch + 1))
+            if epoch + 1 < self.cfg.epochs and self.should_stop():
+                log.warning("stop requested: last.pt of epoch %d is saved; exiting", epoch + 1)
+                summary["status"] = "stopped"
+                return
 
     def _init_bank(self) -> None:
         t0 = time.perf_counter()
@@ -254,14 +283,19 @@ class Pretrainer:
             self.tracker.log_metrics(metrics, step)
 
     def _train_epoch(self, epoch: int, start_step: int) -> bool:
-        """One epoch from ``start_step``; True when a stop request ended it early."""
+        """One epoch from ``start_step``; True when a stop request ended it early.
+
+        The step's results stay on the device: they are read (which waits for the device)
+        only on logging steps and at the end of the epoch, where finiteness is checked, and
+        the stop request is polled every ``stop_poll_steps`` steps (the same steps on every
+        rank, since with several ranks a poll is a collective)."""
         cfg, rt = self.cfg, self.rt
         s = self.schedules.at(epoch)
         set_lr(self.optimizer, s["lr"])
         self.loader.set_epoch(epoch, start_step)
         total = self.loader.steps_per_epoch
         self.core.train()
-        sums = {"loss": 0.0, "positive_prob": 0.0, "positive_columns_frac": 0.0}
+        sums: dict[str, torch.Tensor] = {}
         n, t0, batches, bar = 0, time.perf_counter(), self.loader, None
         if rt.is_main and show_progress(cfg.get("progress", "auto")):
             from tqdm.auto import tqdm
@@ -269,38 +303,40 @@ class Pretrainer:
             bar = batches = tqdm(self.loader, total=total - start_step,
                                  desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         every = int(cfg.log_every_steps or 0)
-        for i, (views, _) in enumerate(batches, start=start_step):
-            out = steps.caco_step(self.model, self.optimizer, self._to_device(views, epoch, i),
+        poll = max(1, int(cfg.get("stop_poll_steps", 1)))
+        for i, views in self._prepared(batches, epoch, start_step):
+            out = steps.caco_step(self.model, self.optimizer, views,
                                   memory_lr=s["memory_lr"], ema_momentum=s["ema_momentum"],
                                   autocast_dtype=rt.autocast_dtype)
-            if not math.isfinite(out.loss):
-                last = self.ckpts.last
-                raise TrainingDiverged(
-                    f"loss became {out.loss} at epoch {epoch + 1}, step {i + 1}; stopped without "
-                    f"saving. The last good checkpoint is {last if last.exists() else 'none'}; "
-                    "lower optim.lr / optim.memory_lr or check the data, then rerun to resume")
-            for key in sums:
-                sums[key] += getattr(out, key)
+            for key in ("loss", "positive_prob", "positive_columns_frac"):
+                value = getattr(out, key).detach().float()
+                sums[key] = value if key not in sums else sums[key] + value
             n += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{out.loss:.3f}")
-            if every and (i + 1) % every == 0 and rt.is_main:
-                if bar is None:
-                    log.info("epoch %d/%d step %d/%d loss %.4f positive_prob %.4f",
-                             epoch + 1, cfg.epochs, i + 1, total, out.loss, out.positive_prob)
-                self._log({"train_step/loss": out.loss,
-                           "train_step/positive_prob": out.positive_prob}, epoch * total + i + 1)
-            if self.should_stop():
+            if every and (i + 1) % every == 0:
+                self._check_finite(sums["loss"], epoch, i, every)
+                if rt.is_main:
+                    loss, prob = out.loss.item(), out.positive_prob.item()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                    else:
+                        log.info("epoch %d/%d step %d/%d loss %.4f positive_prob %.4f",
+                                 epoch + 1, cfg.epochs, i + 1, total, loss, prob)
+                    self._log({"train_step/loss": loss, "train_step/positive_prob": prob},
+                              epoch * total + i + 1)
+            if (i + 1) % poll == 0 and i + 1 < total and self.should_stop():
                 if bar is not None:
                     bar.close()
+                self._check_finite(sums["loss"], epoch, i, every)
                 log.warning("stop requested: saving epoch %d step %d and exiting", epoch, i + 1)
                 self._save(epoch, i + 1)
                 return True
         if bar is not None:
             bar.close()
+        if n:
+            self._check_finite(sums["loss"], epoch, start_step + n - 1, every)
         if n and rt.is_main:
             elapsed = time.perf_counter() - t0
-            metrics = {f"train/{k}": v / n for k, v in sums.items()}
+            metrics = {f"train/{k}": v.item() / n for k, v in sums.items()}
             metrics.update({"train/lr": s["lr"], "train/memory_lr": s["memory_lr"],
                             "train/ema_momentum": s["ema_momentum"],
                             "train/images_per_sec": n * cfg.batch_size / elapsed,
@@ -311,3 +347,17 @@ class Pretrainer:
                      metrics["train/images_per_sec"])
             self._log(metrics, epoch + 1)
         return False
+
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int, every: int) -> None:
+        """A NaN or inf loss at any step since the last check makes the running sum
+        non-finite: stop before anything is saved."""
+        value = loss_sum.item()
+        if math.isfinite(value):
+            return
+        last = self.ckpts.last
+        since = f" (checked every {every} steps)" if every > 1 else ""
+        raise TrainingDiverged(
+            f"loss became {value} at epoch {epoch + 1}, step {step + 1} or before{since}; "
+            f"stopped without saving. The last good checkpoint is "
+            f"{last if last.exists() else 'none'}; lower optim.lr / optim.memory_lr or check "
+            "the data, then rerun to resume")

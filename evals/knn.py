@@ -25,7 +25,7 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
     e = prepare(checkpoint, cfg)
     loaders = knn_loaders(e.data, k)
     result = knn_accuracy(e.backbone, *loaders, k=k.k, temperature=k.temperature,
-                          device=e.device)
+                          device=e.device, feature_dtype=str(k.get("feature_dtype", "fp32")))
     out = {"knn_top1": result["top1"], "knn_top5": result["top5"], "epoch": e.info["epoch"]}
     # Next to the run's final checkpoint only (a DAG node says which one it evaluates).
     if k.get("random_init_baseline") and cfg.get("final_checkpoint", True):
@@ -46,5 +46,6 @@ def _random_init_baseline(e, loaders, k) -> dict[str, float]:
                           "records the model config and seed); set it to false")
     model = build_model(OmegaConf.create(config["model"]), int(config["seed"]))
     base = knn_accuracy(Backbone(model.encoder_q).to(e.device).eval(), *loaders, k=k.k,
-                        temperature=k.temperature, device=e.device)
+                        temperature=k.temperature, device=e.device,
+                        feature_dtype=str(k.get("feature_dtype", "fp32")))
     return {"knn_top1_random_init": base["top1"], "knn_top5_random_init": base["top5"]}

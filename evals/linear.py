@@ -146,6 +146,19 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+@torch.no_grad()
+def frozen_features(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device
+                    ) -> torch.Tensor:
+    """The frozen backbone's float32 features; on CUDA under bf16 autocast with channels_last
+    inputs (the head trains in fp32)."""
+    images = images.to(device, non_blocking=True)
+    if device.type != "cuda":
+        return backbone(images)
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return backbone(images).float()
+
+
 def train_reference_protocol(
     backbone: nn.Module, feature_dim: int, train_loader: Iterable, test_loader: Iterable, *,
     num_classes: int, epochs: int = 100, batch_size: int = 256, lr: float = 0.025,
@@ -186,8 +199,7 @@ def train_reference_protocol(
         for group in opt.param_groups:
             group["lr"] = cosine_lr(base, epoch, epochs)
         for images, labels in train_loader:
-            with torch.no_grad():
-                feats = backbone(images.to(device))
+            feats = frozen_features(backbone, images, device)
             loss = F.cross_entropy(model(feats), labels.to(device))
             opt.zero_grad()
             loss.backward()
@@ -197,7 +209,7 @@ def train_reference_protocol(
         with torch.no_grad():
             for i, (images, labels) in enumerate(test_loader):
                 if i % world == rank:  # this rank's slice of the test set
-                    yield backbone(images.to(device)), labels.to(device)
+                    yield frozen_features(backbone, images, device), labels.to(device)
 
     if world == 1:
         return _evaluate_head(head, test_batches())

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from caco.errors import CacoError
 
 RUNNERS = {
     "step": ("caco.bench.step", "StepBenchConfig"),
     "slurm": ("caco.bench.slurm", "SlurmBenchConfig"),
     "dataloader": ("caco.bench.dataloader", "DataloaderBenchConfig"),
+    "knn": ("caco.bench.knn", "KnnBenchConfig"),
+    "gpu": ("caco.bench.gpu", "GpuBenchConfig"),
 }
 
 
@@ -29,7 +35,11 @@ def main(cfg: DictConfig) -> None:
         cfg.output_root = os.path.abspath(str(cfg.output_root))
     settings = OmegaConf.to_container(cfg.bench, resolve=True)
     settings.pop("name")
-    result = module.run(getattr(module, config_class)(**settings))
+    try:
+        result = module.run(getattr(module, config_class)(**settings))
+    except CacoError as e:  # a benchmark this machine cannot run (bench=gpu without CUDA)
+        logging.getLogger("benchmark").error("%s", e)
+        sys.exit(2)
     print(json.dumps(result), flush=True)
 
 

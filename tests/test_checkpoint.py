@@ -87,3 +87,90 @@ def test_corrupt_truncated_and_missing_files_name_the_path(tmp_path):
         read_checkpoint(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match=r"truncated\.pth is corrupt"):
         load_reference_checkpoint(tiny_caco(), truncated)
+
+
+# ------------------------------------------------------------ last.pt written in a thread
+def _manager(tmp_path, **kw):
+    from caco.checkpoint import CheckpointManager
+
+    config = {"model": {"arch": "tiny"}, "seed": 0, "epochs": 3}
+    return CheckpointManager(tmp_path, config, epochs=3, background=True, **kw)
+
+
+def _slow_writes(monkeypatch, seconds: float, log: list):
+    import threading
+    import time
+
+    import caco.checkpoint as ck
+
+    real, active = ck.save_last, []
+
+    def slow(payload, path):
+        active.append(threading.get_ident())
+        log.append(len(active))  # how many writes run at this moment
+        time.sleep(seconds)
+        try:
+            return real(payload, path)
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(ck, "save_last", slow)
+
+
+def test_a_background_save_writes_the_state_of_its_instant(tmp_path, monkeypatch):
+    from caco.checkpoint import TrainState
+
+    model = tiny_caco(bank_size=16)
+    opt = LARS(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _slow_writes(monkeypatch, 0.5, [])
+    mgr = _manager(tmp_path)
+    mgr.save(model, opt, TrainState(epoch=1), {})
+    with torch.no_grad():  # training goes on while the thread writes
+        for p in model.parameters():
+            p.add_(1.0)
+        model.bank.W.mul_(2.0)
+    assert not mgr.last.exists()  # still being written
+    mgr.wait()
+    saved = read_checkpoint(mgr.last)
+    assert saved["epoch"] == 1
+    for k, v in before.items():
+        assert torch.equal(saved["model"][k], v), k
+
+
+def test_background_writes_never_overlap_and_publish_waits(tmp_path, monkeypatch):
+    from caco.checkpoint import TrainState
+
+    model = tiny_caco(bank_size=16)
+    opt = LARS(model.parameters(), lr=0.1)
+    concurrent = []
+    _slow_writes(monkeypatch, 0.3, concurrent)
+    mgr = _manager(tmp_path, milestones=[2])
+    for epoch in (1, 2):
+        mgr.save(model, opt, TrainState(epoch=epoch), {})
+    milestone = mgr.publish(2)
+    assert concurrent == [1, 1]
+    assert read_checkpoint(milestone)["epoch"] == 2
+
+
+def test_a_failed_background_write_is_raised_and_keeps_the_old_last_pt(tmp_path, monkeypatch):
+    import caco.checkpoint as ck
+    from caco.checkpoint import TrainState
+
+    model = tiny_caco(bank_size=16)
+    opt = LARS(model.parameters(), lr=0.1)
+    mgr = _manager(tmp_path)
+    mgr.save(model, opt, TrainState(epoch=1), {})
+    mgr.wait()
+
+    def disk_full(f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", disk_full)
+    mgr.save(model, opt, TrainState(epoch=2), {})
+    with pytest.raises(CheckpointError, match=r"writing .*last\.pt failed: OSError: .*No space "
+                                              r"left on device; the previous last\.pt is intact"):
+        mgr.wait()
+    monkeypatch.undo()
+    assert read_checkpoint(mgr.last)["epoch"] == 1
+    assert not list(mgr.dir.glob(".*.tmp"))

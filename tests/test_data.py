@@ -80,3 +80,28 @@ def test_views_reproducible_per_seed_epoch_and_sample():
     ds.set_epoch(6)
     assert not torch.equal(ds[2][0][0], first[0])
     assert ds[2][1] == int(base.labels[2])
+
+
+def test_persistent_workers_see_each_epoch_and_resume_step():
+    """Workers live for the whole run, so the epoch travels with each index: two workers
+    give the batches of the in-process loader, epoch after epoch and from a mid-epoch step."""
+    from helpers import compose_pretrain
+
+    from caco.data.pretrain import build_pretrain_loader
+
+    def batches(workers: int, plan):
+        cfg = compose_pretrain("experiment=smoke", f"data.num_workers={workers}",
+                               "data.train_subset=96")
+        loader = build_pretrain_loader(cfg.data, 16, seed=4)
+        assert loader.loader.persistent_workers == (workers > 0)
+        out = []
+        for epoch, start in plan:
+            loader.set_epoch(epoch, start)
+            out.append([views for views, _ in loader])
+        return out
+
+    plan = [(0, 0), (1, 0), (1, 3), (-1, 0)]
+    for got, want in zip(batches(2, plan), batches(0, plan)):
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -51,18 +51,23 @@ def _emulate(world: int):
     return model
 
 
-def test_two_ranks_end_with_identical_banks_equal_to_emulation(tmp_path):
+def _run_ranks(target, tmp_path, world: int = 2, while_running=lambda: None) -> None:
+    """``target(rank, world, rendezvous file, out dir)`` in ``world`` spawned processes."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, 2, str(tmp_path / "rdzv"), str(tmp_path)))
-             for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, world, str(tmp_path / "rdzv"), str(tmp_path)))
+             for r in range(world)]
     for p in procs:
         p.start()
+    while_running()
     for p in procs:
         p.join(timeout=180)
-    for p in procs:
         if p.is_alive():
             p.kill()
-    assert [p.exitcode for p in procs] == [0, 0], "a rank failed or hung (see captured stderr)"
+    assert [p.exitcode for p in procs] == [0] * world, "a rank failed or hung (see stderr)"
+
+
+def test_two_ranks_end_with_identical_banks_equal_to_emulation(tmp_path):
+    _run_ranks(_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert torch.equal(r0["W"], r1["W"]) and torch.equal(r0["V"], r1["V"])
     for name in r0["q"]:
@@ -78,3 +83,33 @@ def test_two_ranks_end_with_identical_banks_equal_to_emulation(tmp_path):
     for step in range(STEPS):
         caco_step(full, opt, _views(step), memory_lr=MEMORY_LR, ema_momentum=EMA)
     assert not torch.allclose(full.bank.W, ref.bank.W, rtol=1e-4, atol=1e-5)
+
+
+def _knn_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from helpers import compose_pretrain
+
+    from caco.knn import knn_accuracy, knn_loaders
+    from caco.model import Backbone
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+    try:
+        cfg = compose_pretrain("experiment=smoke", "eval.knn.train_subset=300",
+                               "eval.knn.test_subset=101", "eval.knn.batch_size=64")
+        loaders = knn_loaders(cfg.data, cfg.eval.knn, shard=(rank, world))
+        assert len(loaders[0].dataset) in (150, 300) and len(loaders[1].dataset) in (50, 51, 101)
+        result = knn_accuracy(Backbone(tiny_caco().encoder_q), *loaders, k=20,
+                              temperature=0.07)
+        torch.save(result, f"{out_dir}/knn{world}_{rank}.pt")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_the_knn_monitor_shards_feature_extraction_across_ranks(tmp_path):
+    """Each of two ranks extracts half of each split; both get the single-process result."""
+    _run_ranks(_knn_worker, tmp_path, while_running=lambda: _knn_worker(0, 1, "", str(tmp_path)))
+    single = torch.load(tmp_path / "knn1_0.pt")
+    assert torch.load(tmp_path / "knn2_0.pt") == single == torch.load(tmp_path / "knn2_1.pt")

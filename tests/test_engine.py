@@ -41,15 +41,15 @@ def test_checkpoint_layout_and_milestones(uninterrupted):
 
 
 def test_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
-    cfg = _cfg(tmp_path, "epochs=3", "tracking.enabled=false")
+    cfg = _cfg(tmp_path, "epochs=3", "tracking.enabled=false", "stop_poll_steps=1")
     run_dir = tmp_path / "runs" / "stopped"
     calls = {"n": 0}
 
     def stop_in_second_epoch():
         calls["n"] += 1
-        # Polled once after the bank initialisation pass, then after every step (8 an epoch):
-        # stop in epoch 2, after its 3rd step.
-        return calls["n"] == 1 + 8 + 3
+        # Polled once after the bank initialisation pass, after every step but an epoch's
+        # last (8 an epoch), after every epoch but the last: stop in epoch 2 after step 3.
+        return calls["n"] == 1 + 7 + 1 + 3
 
     first = Pretrainer(cfg, run_dir, should_stop=stop_in_second_epoch).run()
     assert first["status"] == "stopped"
@@ -59,6 +59,27 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted
     assert second["status"] == "finished"
     assert_same_weights(model_state(run_dir / "checkpoints/last.pt"),
                         model_state(uninterrupted / "checkpoints/last.pt"))
+
+
+def test_a_stop_request_is_polled_every_stop_poll_steps(tmp_path):
+    """A poll waits for the device (and is a collective with ranks): only every N steps."""
+    polls = []
+    cfg = _cfg(tmp_path, "epochs=2", "tracking.enabled=false", "stop_poll_steps=3")
+    run_dir = tmp_path / "runs" / "polled"
+    out = Pretrainer(cfg, run_dir, should_stop=lambda: polls.append(1) or len(polls) > 1).run()
+    assert out["status"] == "stopped" and len(polls) == 2  # after the bank init, at step 3
+    ckpt = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 3)
+
+
+def test_a_stop_request_at_an_epoch_end_stops_there(tmp_path):
+    polls = []
+    cfg = _cfg(tmp_path, "epochs=3", "tracking.enabled=false", "stop_poll_steps=100")
+    run_dir = tmp_path / "runs" / "at_end"
+    out = Pretrainer(cfg, run_dir, should_stop=lambda: polls.append(1) or len(polls) > 1).run()
+    assert out["status"] == "stopped" and len(polls) == 2
+    ckpt = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (1, 0)
 
 
 def test_resume_refuses_a_different_architecture(tmp_path):
@@ -135,3 +156,50 @@ def test_batch_must_fit_the_world_size(tmp_path):
         validate(_cfg(tmp_path, "batch_size=2"), world=4)
     with pytest.raises(ConfigError, match="not divisible by the world size 4"):
         validate(_cfg(tmp_path, "batch_size=30"), world=4)
+
+
+def test_a_checkpoint_write_that_fails_in_the_background_fails_the_run(tmp_path, monkeypatch):
+    """last.pt is written in a thread while the next epoch trains: its failure still ends
+    the run with an error naming the file (not a silent loss of checkpoints)."""
+    import caco.checkpoint as ck
+    from caco.checkpoint import CheckpointError
+
+    real, calls = ck.save_last, []
+
+    def fail_the_second(payload, path):
+        calls.append(payload["epoch"])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(payload, path)
+
+    monkeypatch.setattr(ck, "save_last", fail_the_second)
+    run_dir = tmp_path / "runs" / "full_disk"
+    with pytest.raises(CheckpointError, match=r"writing .*last\.pt failed: .*No space left"):
+        Pretrainer(_cfg(tmp_path, "epochs=3", "tracking.enabled=false"), run_dir).run()
+    assert calls == [0, 1]  # the bank init's, then epoch 1's (failed): nothing after it
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["epoch"] == 0
+
+
+def test_prefetching_one_batch_ahead_trains_the_same_weights(tmp_path, uninterrupted):
+    """The prefetcher's look-ahead with the CPU's null stream (on CUDA: a side stream), and a
+    stop mid-epoch under it: bit for bit the run without it."""
+    cfg = _cfg(tmp_path, "epochs=3", "tracking.enabled=false", "prefetch=true",
+               "stop_poll_steps=1")
+    run_dir = tmp_path / "runs" / "prefetched"
+    calls = {"n": 0}
+
+    def stop_once():
+        calls["n"] += 1
+        return calls["n"] == 1 + 7 + 1 + 3
+
+    assert Pretrainer(cfg, run_dir, should_stop=stop_once).run()["status"] == "stopped"
+    assert Pretrainer(cfg, run_dir).run()["status"] == "finished"
+    assert_same_weights(model_state(run_dir / "checkpoints/last.pt"),
+                        model_state(uninterrupted / "checkpoints/last.pt"))
+
+
+def test_a_bad_prefetch_value_is_named(tmp_path):
+    from caco.runtime import resolve_runtime
+
+    with pytest.raises(ConfigError, match=r"prefetch='sometimes': use auto, true or false"):
+        resolve_runtime(_cfg(tmp_path, "prefetch=sometimes"))

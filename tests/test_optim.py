@@ -65,3 +65,41 @@ def test_parameters_without_grad_are_untouched():
 def test_bad_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="momentum"):
         LARS([torch.nn.Parameter(torch.ones(1))], lr=0.1, momentum=1.5)
+
+
+def test_the_multi_tensor_update_equals_the_per_tensor_loop_bitwise():
+    """A real ResNet-18 (convs, BN, fc), a zero-norm weight and a parameter without grad,
+    five steps: foreach and the loop agree bit for bit on CPU."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    nets = [resnet18(num_classes=10), resnet18(num_classes=10)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        torch.nn.init.zeros_(net.fc.weight)
+        net.layer4[1].conv2.weight.requires_grad_(False)
+    opts = [LARS([p for p in net.parameters() if p.requires_grad], lr=0.3, weight_decay=1e-4,
+                 momentum=0.9, foreach=foreach) for net, foreach in zip(nets, (True, False))]
+    x = torch.randn(4, 3, 32, 32)
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(nets[0].fc.weight, torch.zeros_like(nets[0].fc.weight))
+
+
+def test_an_optimizer_state_saved_before_foreach_existed_loads_and_steps():
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    opt = LARS([w], lr=0.1)
+    _grads([w], [torch.ones(3, 3)])
+    opt.step()
+    state = opt.state_dict()
+    del state["param_groups"][0]["foreach"]  # what checkpoints of earlier versions hold
+    again = LARS([w], lr=0.1)
+    again.load_state_dict(state)
+    _grads([w], [torch.ones(3, 3)])
+    again.step()
+    assert torch.isfinite(w).all() and again.state[w]["mu"].abs().sum() > 0

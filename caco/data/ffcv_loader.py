@@ -79,19 +79,29 @@ def _make_order(sampler):
     return ShardOrder(sampler)
 
 
-def _view_pipeline(view: ViewAug):
+def _to_device(device: str | None) -> list:
+    """FFCV's own asynchronous copy from its pinned buffers (CUDA only; none on CPU)."""
+    if device is None or not device.startswith("cuda"):
+        return []
+    from ffcv.transforms import ToDevice
+
+    return [ToDevice(torch.device(device), non_blocking=True)]
+
+
+def _view_pipeline(view: ViewAug, device: str | None = None):
     from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
 
     return [RandomResizedCropRGBImageDecoder((view.size, view.size), scale=tuple(view.scale)),
-            RandomHorizontalFlip(flip_prob=view.flip_p), ToTensor(), ToTorchImage()]
+            RandomHorizontalFlip(flip_prob=view.flip_p), ToTensor(), *_to_device(device),
+            ToTorchImage()]
 
 
-def _label_pipeline():
+def _label_pipeline(device: str | None = None):
     from ffcv.fields.decoders import IntDecoder
     from ffcv.transforms import Squeeze, ToTensor
 
-    return [IntDecoder(), ToTensor(), Squeeze(1)]
+    return [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)]
 
 
 def _cached_loader(key: tuple, build):
@@ -121,10 +131,13 @@ def _loader(path: Path, batch_size: int, workers: int, pipelines: dict, *, order
 
 
 class FFCVPretrainLoader:
-    """Iterates ``(views, labels)``: uint8 (B, 3, S_v, S_v) per view, int64 labels, copies."""
+    """Iterates ``(views, labels)``: uint8 (B, 3, S_v, S_v) per view, int64 labels, copies
+    (FFCV reuses its buffers). With a CUDA ``device`` they are already there: FFCV copies
+    from pinned memory on its own streams, the copies are cloned on the device."""
 
     def __init__(self, data: DictConfig, views: Sequence[ViewAug], per_rank_batch: int, *,
-                 rank: int = 0, world: int = 1, seed: int = 0) -> None:
+                 rank: int = 0, world: int = 1, seed: int = 0,
+                 device: str | None = None) -> None:
         from caco.data.sampling import EpochShardSampler
 
         require_ffcv()
@@ -137,15 +150,17 @@ class FFCVPretrainLoader:
         self._indices = indices
         key = ("pretrain", str(path), path.stat().st_mtime_ns, tuple(self.views),
                per_rank_batch, int(data.num_workers), None if indices is None else len(indices),
-               _config_key(data.get("ffcv")))
+               _config_key(data.get("ffcv")), device if _to_device(device) else None)
 
         def build():
             from ffcv.pipeline import PipelineSpec
 
-            pipelines = {"image": _view_pipeline(self.views[0]), "label": _label_pipeline()}
+            pipelines = {"image": _view_pipeline(self.views[0], device),
+                         "label": _label_pipeline(device)}
             for v, view in enumerate(self.views[1:], start=1):
-                pipelines[f"image_{v}"] = PipelineSpec("image", decoder=_view_pipeline(view)[0],
-                                                       transforms=_view_pipeline(view)[1:])
+                pipeline = _view_pipeline(view, device)
+                pipelines[f"image_{v}"] = PipelineSpec("image", decoder=pipeline[0],
+                                                       transforms=pipeline[1:])
             return _loader(path, per_rank_batch, int(data.num_workers), pipelines,
                            order=_make_order(self.sampler), drop_last=True, indices=indices,
                            ffcv_cfg=data.get("ffcv"), seed=seed)
@@ -183,7 +198,8 @@ class FFCVEvalLoader:
     """Resize + center crop (or the linear probe's random crop + flip), normalised floats."""
 
     def __init__(self, data: DictConfig, split: str, batch_size: int, *,
-                 subset: int | None = None, train_augment: bool = False, seed: int = 0) -> None:
+                 subset: int | None = None, train_augment: bool = False, seed: int = 0,
+                 shard: tuple[int, int] | None = None) -> None:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import OrderOption
         from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
@@ -195,6 +211,8 @@ class FFCVEvalLoader:
         if n == 0:
             raise DataError(f"{path} holds no samples (the {split} split is empty)")
         indices = _subset(n, subset)
+        if shard is not None and shard[1] > 1:  # this rank's share: every world-th sample
+            indices = (np.arange(n) if indices is None else indices)[shard[0]::shard[1]]
         if train_augment:
             image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip()]
         else:
@@ -203,7 +221,8 @@ class FFCVEvalLoader:
         image += [ToTensor(), ToTorchImage()]
         order = OrderOption.RANDOM if train_augment else OrderOption.SEQUENTIAL
         key = ("eval", str(path), path.stat().st_mtime_ns, size, float(data.eval_resize),
-               batch_size, int(data.num_workers), subset, train_augment, seed)
+               batch_size, int(data.num_workers), subset, train_augment, seed,
+               shard if shard is not None and shard[1] > 1 else None)
         self.loader = _cached_loader(key, lambda: _loader(
             path, batch_size, int(data.num_workers), {"image": image, "label": _label_pipeline()},
             order=order, drop_last=False, indices=indices, ffcv_cfg=data.get("ffcv"), seed=seed))

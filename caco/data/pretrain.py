@@ -75,13 +75,15 @@ class TorchPretrainLoader:
         base = labelled_split(data, "train", subset=data.get("train_subset"))
         self.views = views
         self.dataset = SeededViews(base, GeometricViews(views), seed)
-        self.sampler = EpochShardSampler(len(self.dataset), per_rank_batch, rank=rank,
-                                         world=world, seed=seed)
         workers = int(data.num_workers)
+        # Workers live for the whole run (no re-spawn per epoch): the sampler hands them
+        # the epoch with every index.
+        self.sampler = EpochShardSampler(len(self.dataset), per_rank_batch, rank=rank,
+                                         world=world, seed=seed, tag_epoch=True)
         self.loader = DataLoader(
             self.dataset, batch_size=per_rank_batch, sampler=self.sampler,
             num_workers=workers, collate_fn=_collate_views, pin_memory=pin_memory,
-            drop_last=True, persistent_workers=False,
+            drop_last=True, persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
 
@@ -102,7 +104,7 @@ class TorchPretrainLoader:
 
 def build_pretrain_loader(
     data: DictConfig, per_rank_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool = False, device: str | None = None,
 ):
     """The two-view / multi-crop training loader of ``data.loader``; call ``set_epoch``."""
     views = view_augs(data)
@@ -110,7 +112,7 @@ def build_pretrain_loader(
         from caco.data.ffcv_loader import FFCVPretrainLoader
 
         return FFCVPretrainLoader(data, views, per_rank_batch, rank=rank, world=world,
-                                  seed=seed)
+                                  seed=seed, device=device)
     return TorchPretrainLoader(data, views, per_rank_batch, rank=rank, world=world, seed=seed,
                                pin_memory=pin_memory)
 
@@ -126,16 +128,23 @@ def eval_transform(data: DictConfig):
 
 
 def build_eval_loader(data: DictConfig, split: str, batch_size: int,
-                      subset: int | None = None):
-    """Resize + center crop + normalise, in order: kNN and linear-probe evaluation."""
+                      subset: int | None = None, shard: tuple[int, int] | None = None):
+    """Resize + center crop + normalise, in order: kNN and linear-probe evaluation.
+    ``shard=(rank, world)``: this rank's share (every world-th sample)."""
     if loader_kind(data) == "ffcv":
         from caco.data.ffcv_loader import FFCVEvalLoader
 
-        return FFCVEvalLoader(data, split, batch_size, subset=subset)
+        return FFCVEvalLoader(data, split, batch_size, subset=subset, shard=shard)
     ds = labelled_split(data, split, transform=eval_transform(data), subset=subset)
     if len(ds) == 0:
         raise DataError(f"the {split} split of data.kind={data.kind} is empty")
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(data.num_workers))
+    if shard is not None and shard[1] > 1:
+        from torch.utils.data import Subset
+
+        ds = Subset(ds, range(shard[0], len(ds), shard[1]))
+    workers = int(data.num_workers)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0)
 
 
 def linear_train_loader(data: DictConfig, batch_size: int, subset: int | None = None,

@@ -42,10 +42,13 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        # (epoch, i) from an epoch-tagging sampler: persistent workers hold their own copy
+        # of this dataset, which set_epoch in the main process does not reach.
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         img, label = self.base[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
             views = self.augment(img)
         return views, label
 
@@ -59,14 +62,14 @@ class EpochShardSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, batch_size: int, *, rank: int = 0, world: int = 1,
-                 seed: int = 0, shuffle: bool = True) -> None:
+                 seed: int = 0, shuffle: bool = True, tag_epoch: bool = False) -> None:
         if batch_size * world > n:
             raise DataError(
                 f"the dataset has {n} images, fewer than one global batch "
                 f"({batch_size} x {world} ranks); lower batch_size or use more data"
             )
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.tag_epoch = seed, shuffle, tag_epoch
         self.epoch, self.start_step = 0, 0
 
     @property
@@ -86,8 +89,10 @@ class EpochShardSampler(Sampler[int]):
         else:
             order = torch.arange(self.n)
         used = order[: self.steps_per_epoch * self.batch_size * self.world]
-        mine = used[self.rank :: self.world]
-        return iter(mine[self.start_step * self.batch_size :].tolist())
+        mine = used[self.rank :: self.world][self.start_step * self.batch_size :].tolist()
+        if self.tag_epoch:  # ``(epoch, index)`` for SeededViews
+            return iter([(self.epoch, i) for i in mine])
+        return iter(mine)
 
 
 def subset_indices(n: int, subset: int | None, seed: int = 0) -> np.ndarray | None:
