@@ -66,6 +66,20 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (f * x + (1 - f) * gray(x)).clamp_(0, 1)
 
 
+# (r, g, b) of each of the six hue sectors, as indices into (v, q, p, t).
+_HUE_SECTORS = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]])
+
+
+_SECTORS_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def _sectors_on(device: torch.device) -> torch.Tensor:
+    """The sector table on ``device``, copied once (a copy from pageable memory waits)."""
+    if device not in _SECTORS_ON:
+        _SECTORS_ON[device] = _HUE_SECTORS.to(device)
+    return _SECTORS_ON[device]
+
+
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by ``shift`` (fraction of a turn, per sample) in HSV space."""
     r, g, b = x.unbind(1)
@@ -87,12 +101,11 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     p = (v * (1 - s)).clamp_(0, 1)
     q = (v * (1 - s * frac)).clamp_(0, 1)
     t = (v * (1 - s * (1 - frac))).clamp_(0, 1)
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = torch.zeros_like(x)
-    for k, (cr, cg, cb) in enumerate(choices):
-        sel = (i == k).unsqueeze(1)
-        out = torch.where(sel, torch.stack((cr, cg, cb), dim=1), out)
-    return out
+    # Sector i takes its (r, g, b) from (v, q, p, t) as _HUE_SECTORS[i] says: one gather
+    # instead of a select per sector.
+    planes = torch.stack((v, q, p, t), dim=1)
+    index = _sectors_on(x.device)[i].permute(0, 3, 1, 2)
+    return planes.gather(1, index)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int,
@@ -128,6 +141,7 @@ class ViewColorAugment:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.blur_radius = math.ceil(3 * aug.blur_sigma[1])
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def sample_params(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Every random choice for ``n`` samples, drawn on the CPU in a fixed order."""
@@ -161,6 +175,8 @@ class ViewColorAugment:
         the blur) or keeps its pixels through ``torch.where`` (hue, grayscale, solarize).
         Nothing depends on the data's values, so nothing waits for the device and the stage
         can be compiled; a selected sample gets exactly what the op computes for it alone."""
+        if x.device.type == "cuda":  # asynchronous only from pinned memory
+            params = {k: v.pin_memory() for k, v in params.items()}
         params = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
         a = self.aug
         if a.jitter_p > 0:
@@ -188,7 +204,9 @@ class ViewColorAugment:
                              f"{tuple(views.shape)}")
         params = self.sample_params(views.shape[0], generator)
         x = self.apply(views.float().div_(255.0), params)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        if x.device not in self._norm:  # made once per device (a copy from pageable memory waits)
+            self._norm[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._norm[x.device]
         return (x - mean) / std
 
 

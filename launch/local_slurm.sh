@@ -436,7 +436,9 @@ EOF
    printf 'username=caco\npassword=%s\n' "$admin" >"$SECRETS/mlflow_credentials")
   chmod 600 "$SECRETS/mlflow_credentials" "$ETC/mlflow_auth.ini"
   # Secrets through the environment and 0600 files, never on a command line (ps shows those).
+  # (No MLflow job execution: its huey consumers are for GenAI jobs and idle at ~20% CPU.)
   (cd "$STATE/mlflow" && MLFLOW_AUTH_CONFIG_PATH="$ETC/mlflow_auth.ini" \
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
     MLFLOW_FLASK_SERVER_SECRET_KEY="$(secret mlflow_flask_key)" \
     MLFLOW_BACKEND_STORE_URI="mysql+pymysql://mlflow:$dbpass@127.0.0.1:$DB_PORT/mlflow" \
     exec "$PYTHON" -m mlflow server --app-name basic-auth --host "$(tracking_addr)" \
