@@ -33,6 +33,7 @@ def test_single_process_starts_no_group(monkeypatch):
 def test_usr2_becomes_a_polled_flag_and_is_handed_back():
     seen = []
     previous = signal.signal(signal.SIGUSR2, lambda s, f: seen.append(s))
+    previous_term = signal.getsignal(signal.SIGTERM)  # the guard takes SIGTERM too
     try:
         guard = PreemptionGuard()
         assert not guard.should_stop()
@@ -42,3 +43,6 @@ def test_usr2_becomes_a_polled_flag_and_is_handed_back():
         assert seen == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, previous)
+        # Left installed, the guard's handler would make every later fork of this process
+        # (a multiprocessing Pool) ignore the SIGTERM that ends it.
+        signal.signal(signal.SIGTERM, previous_term)

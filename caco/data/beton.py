@@ -212,6 +212,15 @@ def _check_one(args: tuple[int, str]) -> tuple[int, str | None]:
         return i, f"{type(e).__name__}: {e}"
 
 
+def _default_signals() -> None:
+    """In a forked checker: the parent's Python handlers (a trainer's SIGTERM guard) would
+    keep the pool's terminate() from ending it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def find_unreadable(paths: Sequence[Path], workers: int, progress: bool = False
                     ) -> dict[int, str]:
     """Decode every image; ``{index: reason}`` for those that fail."""
@@ -224,7 +233,7 @@ def find_unreadable(paths: Sequence[Path], workers: int, progress: bool = False
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="checking images", leave=False)
-    with get_context("fork").Pool(max(1, workers)) as pool:
+    with get_context("fork").Pool(max(1, workers), initializer=_default_signals) as pool:
         for i, reason in pool.imap_unordered(_check_one, jobs, chunksize=64):
             if reason is not None:
                 bad[i] = reason
