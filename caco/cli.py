@@ -53,8 +53,10 @@ def _dag_scheduler(cfg: DictConfig, run_dir: Path):
     node = scheduler.final_knn_node()
     knn = cfg.get("eval", {}).get("knn")
     if node and knn is not None and knn.get("final"):
-        log.info("the final kNN (eval/knn_top1%s) comes from the DAG's %s node",
-                 ", eval/knn_top1_random_init" if knn.get("random_init_baseline") else "", node)
+        extra = "".join(f", eval/knn_top1_{name}" for name, key in (
+            ("random_init", "random_init_baseline"), ("pixels", "pixels_baseline"))
+            if knn.get(key))
+        log.info("the final kNN (eval/knn_top1%s) comes from the DAG's %s node", extra, node)
     return scheduler
 
 

@@ -92,3 +92,33 @@ def wait_final(job_ids: list[str], timeout: float, poll: float = 1.0) -> dict[st
         if time.time() > deadline:
             raise TimeoutError(f"jobs not finished within {timeout:.0f} s: {states}")
         time.sleep(poll)
+
+
+def job_costs(job_ids: list[str], timeout: float = 10) -> dict[str, dict[str, float]]:
+    """Per job: wall seconds, CPU-seconds and GPU-seconds over all its runs (a requeued job
+    counts every run), from sacct's allocation rows (raises SlurmUnavailable)."""
+    ids = sorted({str(j) for j in job_ids if j and str(j)[:1].isdigit()})
+    if not ids:
+        return {}
+    proc = run_command(["sacct", "-n", "-X", "-D", "-P", "-S", "2000-01-01", "-o",
+                        "JobID,ElapsedRaw,AllocCPUS,AllocTRES", "-j", ",".join(ids)], timeout)
+    if proc.returncode != 0:
+        raise SlurmUnavailable(f"sacct: {proc.stderr.strip() or proc.returncode}")
+    out: dict[str, dict[str, float]] = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) != 4 or not parts[1].isdigit():
+            continue
+        job, elapsed, cpus, tres = parts
+        gpus = 0
+        for item in tres.split(","):
+            key, _, value = item.partition("=")
+            if key == "gres/gpu" and value.isdigit():
+                gpus = int(value)
+        cost = out.setdefault(job, {"wall_s": 0.0, "cpu_s": 0.0, "gpu_s": 0.0, "runs": 0})
+        seconds = float(elapsed)
+        cost["wall_s"] += seconds
+        cost["cpu_s"] += seconds * int(cpus or 0)
+        cost["gpu_s"] += seconds * gpus
+        cost["runs"] += 1
+    return out

@@ -142,19 +142,28 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token
+# usage); with it, in the model-training view: the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def prepare_experiment(uri: str, name: str, artifact_root: str | os.PathLike | None = None) -> str:
-    """Create the database and the experiment if needed; return the experiment id."""
+    """Create the database and the experiment if needed (tagged as a model-training
+    experiment; an older experiment of ours gets the tag too); return the experiment id."""
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if not all(exp.tags.get(k) for k in EXPERIMENT_KIND):
+            for key, value in EXPERIMENT_KIND.items():
+                c.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if artifact_root is not None and not uri.startswith("http"):
         location = Path(artifact_root).resolve().as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # lost a creation race: the winner's experiment is the one to use
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -272,11 +281,20 @@ class Tracker:
                                "step": int(step), "timestamp": ts},
                    run="parent" if parent else "self")
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._send("tags", {"tags": {k: str(v) for k, v in tags.items()}})
+    def set_tags(self, tags: Mapping[str, Any], *, parent: bool = False) -> None:
+        self._send("tags", {"tags": {k: str(v) for k, v in tags.items()}},
+                   run="parent" if parent else "self")
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self._send("artifact", {"path": str(Path(path).resolve())})
+
+    def log_artifacts(self, folder: str | os.PathLike, artifact_path: str, *,
+                      parent: bool = False) -> None:
+        """Upload a folder's files under ``artifact_path`` (replacing what is there); a
+        replay sends the folder as it is then (its newest content)."""
+        self._send("artifacts", {"path": str(Path(folder).resolve()),
+                                 "artifact_path": artifact_path},
+                   run="parent" if parent else "self")
 
     # -- delivery ------------------------------------------------------------------------
     def _send(self, kind: str, payload: dict, run: str = "self") -> None:
@@ -351,6 +369,9 @@ class Tracker:
                         synchronous=True)
         elif kind == "artifact":
             c.log_artifact(run_id, record["path"])
+        elif kind == "artifacts":
+            if Path(record["path"]).is_dir():
+                c.log_artifacts(run_id, record["path"], record.get("artifact_path"))
         elif kind == "status":
             if record["status"] == "RUNNING":
                 c.update_run(run_id, status="RUNNING")

@@ -11,6 +11,7 @@ Run directory layout (one per pretraining run)::
       checkpoints/last.pt     written atomically after every epoch (and on preemption)
       checkpoints/epoch_NNNN.pt  milestone checkpoints (what the evaluation DAG consumes)
       progress.json           epoch and step of last.pt
+      train_history.jsonl     one line per epoch: its train/* metrics (what the report plots)
       pretrain.log            the log
 
 The trainer trains: the checkpoint format lives in :mod:`caco.checkpoint`, the lease in
@@ -46,7 +47,9 @@ from caco.schedules import Schedules
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pretrainer", "build_model", "validate"]
+__all__ = ["HISTORY_FILE", "Pretrainer", "build_model", "validate"]
+
+HISTORY_FILE = "train_history.jsonl"
 
 MilestoneHook = Callable[[Path, int], None]
 
@@ -276,7 +279,18 @@ class Pretrainer:
             self._publish(epoch)
         monitored = self.monitor.after_epoch(self.core, epoch)
         self._log(monitored, epoch)
+        if monitored and self.rt.is_main:
+            self._history(epoch, monitored)
         return monitored
+
+    def _history(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """One line of ``train_history.jsonl`` (a resumed epoch appends again: readers keep
+        the last line of each epoch; a line torn by a kill is skipped)."""
+        import json
+
+        line = json.dumps({"epoch": epoch, "time": time.time(), **metrics})
+        with open(self.run_dir / HISTORY_FILE, "a") as f:
+            f.write(line + "\n")
 
     def _log(self, metrics: dict, step: int) -> None:
         if self.tracker and metrics:
@@ -346,6 +360,8 @@ class Pretrainer:
                      metrics["train/positive_prob"], metrics["train/positive_columns_frac"],
                      metrics["train/images_per_sec"])
             self._log(metrics, epoch + 1)
+            self._history(epoch + 1, {**metrics, "world": rt.world, "device": rt.device.type,
+                                      "threads": torch.get_num_threads()})
         return False
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int, every: int) -> None:

@@ -30,7 +30,29 @@ def evaluate(checkpoint: str | os.PathLike, cfg: DictConfig) -> dict[str, float]
     # Next to the run's final checkpoint only (a DAG node says which one it evaluates).
     if k.get("random_init_baseline") and cfg.get("final_checkpoint", True):
         out.update(_random_init_baseline(e, loaders, k))
+    if k.get("pixels_baseline") and cfg.get("final_checkpoint", True):
+        out.update(pixels_baseline(loaders, k, e.device))
     return out
+
+
+def pixels_baseline(loaders, k, device) -> dict[str, float]:
+    """The same kNN on the images themselves (the eval transform's pixels, flattened): what
+    an encoder has to beat to have learned anything beyond its input. ``knn_top1_pixels``
+    uses the features' protocol (L2-normalised); ``knn_top1_pixels_centred`` first removes
+    the train split's mean image, the stronger of the two."""
+    from torch import nn
+
+    from caco.knn import extract_features, knn_classify
+
+    train_f, train_y = extract_features(nn.Flatten(), loaders[0], device=device)
+    test_f, test_y = extract_features(nn.Flatten(), loaders[1], device=device)
+    plain = knn_classify(train_f, train_y, test_f, test_y, k=k.k, temperature=k.temperature,
+                         device=device)
+    mean = train_f.mean(dim=0, keepdim=True)
+    centred = knn_classify(train_f - mean, train_y, test_f - mean, test_y, k=k.k,
+                           temperature=k.temperature, device=device)
+    return {"knn_top1_pixels": plain["top1"], "knn_top5_pixels": plain["top5"],
+            "knn_top1_pixels_centred": centred["top1"]}
 
 
 def _random_init_baseline(e, loaders, k) -> dict[str, float]:

@@ -172,7 +172,27 @@ def _finish_child(tracker, job: NodeJob, metrics: dict[str, Any], status: str) -
     headline = {f"eval/{k}": numbers[k] for k in _headline(job) if k in numbers}
     if headline:
         tracker.log_metrics(headline, job.epoch, parent=True)
+    from caco.dag.plan import REPORT
+
+    if job.evaluator == REPORT and status == "FINISHED":
+        _publish_report(tracker, job)
     tracker.end(status)
+
+
+def _publish_report(tracker, job: NodeJob) -> None:
+    """The run's report as artifacts of the pretraining run (``report/``), and the run's
+    description (its evaluations, linked) as its MLflow note: tags and artifacts only, the
+    parent's status is left alone."""
+    from caco.dag.report import description
+    from caco.report.page import REPORT_DIR
+    from caco.tracking import read_run_file
+
+    info = read_run_file(job.run_dir) or {}
+    folder = Path(job.run_dir) / REPORT_DIR
+    if folder.is_dir():
+        tracker.log_artifacts(folder, REPORT_DIR, parent=True)
+    tracker.set_tags({"mlflow.note.content": description(
+        job.run_dir, info.get("experiment_id"), info.get("run_id"))}, parent=True)
 
 
 def _process_group(job: NodeJob) -> tuple[int, int]:

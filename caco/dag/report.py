@@ -7,6 +7,9 @@ reported back (cancelled by a failed dependency, killed, timed out; a job's row 
 when its name is the node's key), records that state in the ledger, and writes
 ``<run_dir>/evals/e<epoch>/report.json`` and ``report.md``. Nodes whose submission SLURM
 refused are in the ledger as FAILED with SLURM's words, and are reported like any failure.
+Then it redraws the run's report (``<run_dir>/report/``, :mod:`caco.report`), which the node
+logs as artifacts of the pretraining run, with a description of the run (its evaluation
+child runs, linked, and the report) as the run's MLflow note.
 """
 
 from __future__ import annotations
@@ -75,9 +78,36 @@ def report(run_dir: str, epoch: int, exclude: str = "report") -> dict[str, Any]:
         lines.append(f"| {r['node']} | {r['state']} | {r['job_id']} | {r['attempts']} | "
                      f"{shown} |")
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    from caco.report import write_report
+
+    write_report(run_dir)
     metrics: dict[str, Any] = {"dag_failed_nodes": len(failed), "dag_nodes": len(rows)}
     for r in rows:
         for k, v in r["metrics"].items():
             if k not in ("epoch", "seconds"):
                 metrics[f"{r['node']}.{k}"] = v
     return metrics
+
+
+def description(run_dir: str, experiment_id: str | None, run_id: str | None) -> str:
+    """The pretraining run's MLflow note (markdown): its evaluations by checkpoint, each
+    linked to its child run, and where the report is."""
+    ledger = EvalLedger(run_dir)
+    lines = ["**CaCo pretraining run**: evaluations are child runs, listed by checkpoint; the "
+             "report (charts, checkpoint x evaluation matrix, cost) is under Artifacts: "
+             + (f"[report/index.html](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/"
+                "report/index.html)" if experiment_id and run_id else "report/index.html"),
+             "", "| checkpoint | node | state | result |", "|---|---|---|---|"]
+    for e in ledger.entries():
+        name = f"e{e['epoch']:04d}-{e['node']}"
+        child = e.get("child_run_id")
+        shown = f"[{name}](#/experiments/{experiment_id}/runs/{child})" \
+            if child and experiment_id else name
+        metrics = e.get("metrics") or {}
+        result = ", ".join(f"{k} {v:g}" for k, v in metrics.items()
+                           if k not in ("epoch", "seconds", "processes") and "." not in k)
+        if e["state"] != "COMPLETED":
+            result = (e.get("error") or "").replace("|", "/")[:200]
+        lines.append(f"| epoch {e['epoch']} | {shown} | {e['state']} | {result} |")
+    lines += ["", f"Run directory: `{run_dir}`"]
+    return "\n".join(lines)
