@@ -428,3 +428,24 @@ class CheckpointManager:
                 not (self.dir / f"epoch_{epoch:04d}.pt").exists():
             return epoch
         return None
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint's model weights (names, dtypes, shapes, bytes; the optimizer,
+    RNG and run id left out): equal for checkpoints that hold the same model, whichever run
+    wrote them (what evaluation results are cached by)."""
+    import hashlib
+
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("model") if "model" in ckpt else ckpt.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} holds no model weights ('model' or 'state_dict')")
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -21,6 +21,21 @@ def evaluate_main(cfg: DictConfig) -> dict:
     from caco.evaluators import get, load
 
     name = hc.runtime.choices["eval"]
+    if cfg.get("runs"):
+        from caco.dag.backfill import backfill
+
+        try:
+            code = backfill(cfg, name, list(hc.overrides.task))
+        except CacoError as e:
+            log.error("%s", user_message(e))
+            sys.exit(2)
+        if code:
+            sys.exit(code)
+        return {}
+    if not cfg.get("checkpoint"):
+        log.error("pass checkpoint=<path> (one checkpoint) or runs=<run or sweep dir> (the "
+                  "checkpoints of past runs)")
+        sys.exit(2)
     try:
         metrics = load(get(cfg, name)).evaluate(cfg.checkpoint, cfg)
     except CacoError as e:

@@ -2,6 +2,9 @@
 
   status <run or sweep dir> [--json]     the pretraining job and every checkpoint x node: ledger
                                          state, SLURM state, job, attempts, result
+  status <run or sweep dir> --watch      a live table (plain lines when not a terminal): per run
+                                         its state, epochs with a bar and ETA, its DAG cells;
+                                         exits when everything ended (1 if anything failed)
   retry <run dir> [key=value ...]        resubmit failed/cancelled/timed-out/stranded nodes (and
                                          their report); overrides of dag.*/eval.* apply to them,
                                          e.g. dag.nodes.knn.resources.partition=gpu
@@ -26,6 +29,10 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="retry: key=value (or +key=value) of "
                         "dag.* / eval.*")
     parser.add_argument("--json", action="store_true", help="status: one JSON object per node")
+    parser.add_argument("--watch", action="store_true", help="status: refresh until everything "
+                        "has ended")
+    parser.add_argument("--interval", type=float, default=10.0,
+                        help="status --watch: seconds between refreshes (default 10)")
     parser.add_argument("--pretraining", action="store_true",
                         help="retry: resubmit failed sweep points instead of evaluations")
     args = parser.parse_args(argv)
@@ -37,6 +44,15 @@ def main(argv=None) -> int:
         if args.command == "status":
             if args.overrides:
                 parser.error("status takes no overrides")
+            if args.watch:
+                if args.json:
+                    parser.error("--watch and --json do not go together")
+                from caco.dag.watch import watch
+
+                try:
+                    return watch(args.path, interval=args.interval)
+                except KeyboardInterrupt:
+                    return 130
             print(admin.status(args.path, as_json=args.json))
         elif args.command == "cancel":
             done = admin.cancel(args.path)

@@ -3,7 +3,13 @@
 Works on this toolkit's checkpoints (their pretraining data is the default) and on the
 authors' released CaCo checkpoints (pass ``data=imagenet data.root=...``); ``-m
 eval=knn,linear`` runs several. Metrics are logged and written to ``metrics.json``.
+
+Past runs: ``python launch/evaluate.py eval=<name> runs=<run or sweep dir>
+[checkpoints=all|milestones|last] [cluster=slurm] [--force]`` evaluates their checkpoints as
+nodes of their DAGs (cached; see configs/evaluate.yaml).
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -17,4 +23,6 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    if "--force" in sys.argv:  # the backfill's "recompute", as a flag
+        sys.argv = [a for a in sys.argv if a != "--force"] + ["force=true"]
     main()

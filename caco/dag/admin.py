@@ -102,10 +102,15 @@ def _pretraining(run_dir: Path, point: dict | None, rows: dict | None) -> dict[s
         info["job_id"] = str(job)
         info["slurm"] = UNAVAILABLE if rows is None else (rows.get(str(job)) or {}).get(
             "state", "-")
+        # Not in sacct yet ("-") counts as on its way; unavailable as unknown.
+        info["active"] = None if rows is None else info["slurm"] not in SLURM_FINAL
     elif lease:
-        running = alive(lease.get("process")) and not lease.get("released")
+        running = bool(alive(lease.get("process"))) and not lease.get("released")
         info["process"] = (f"pid {lease.get('pid')} on {lease.get('host')}: "
                            + ("running" if running else lease.get("status") or "gone"))
+        info["active"] = running
+    else:
+        info["active"] = False
     p = progress(run_dir) or {}
     info["epoch"], info["epochs"] = p.get("epoch"), p.get("epochs")
     info["step_in_epoch"] = p.get("step_in_epoch")
@@ -175,10 +180,10 @@ def format_table(rows: list[dict[str, Any]], width: int = 110) -> str:
     return table(COLUMNS, cells)
 
 
-def status(path: str | Path, *, as_json: bool = False) -> str:
-    """The text ``dag.py status`` prints (JSON lines, one per node, with ``as_json``)."""
-    import json
-
+def snapshot(path: str | Path) -> tuple[list[dict[str, Any]], bool, bool]:
+    """``(runs, is_sweep, slurm_answered)``: per run its ``pretraining`` info (SLURM job and
+    state, or the local trainer's process; epochs done) and its ledger ``rows``; SLURM is
+    asked once for every job."""
     from caco import sweep
 
     runs, sweep_dir = run_dirs(path)
@@ -195,19 +200,30 @@ def status(path: str | Path, *, as_json: bool = False) -> str:
         lease = _read_json(r / "lease.json") or {}
         jobs.append(lease.get("slurm_job_id"))
     rows = _slurm_rows([j for j in jobs if j])
+    out = [{"run_dir": r, "pretraining": _pretraining(r, points.get(r), rows),
+            "rows": status_rows(r, rows) if (r / "config.yaml").exists() else []}
+           for r in runs]
+    return out, sweep_dir is not None, rows is not None
+
+
+def status(path: str | Path, *, as_json: bool = False) -> str:
+    """The text ``dag.py status`` prints (JSON lines, one per node, with ``as_json``)."""
+    import json
+
+    runs, is_sweep, answered = snapshot(path)
     blocks, lines = [], []
-    for r in runs:
-        table = status_rows(r, rows) if (r / "config.yaml").exists() else []
+    for run in runs:
+        r, table = run["run_dir"], run["rows"]
         if as_json:
             lines += [json.dumps({"run": str(r), "epoch": t["epoch"], "node": t["node"],
                                   "state": t["state"], "job_id": None if t["job"] == "-"
                                   else t["job"], "attempts": t["attempts"],
                                   "error": t["error"]}) for t in table]
             continue
-        head = _pretraining_line(_pretraining(r, points.get(r), rows))
-        block = [f"== {r.name}"] if sweep_dir is not None else []
+        head = _pretraining_line(run["pretraining"])
+        block = [f"== {r.name}"] if is_sweep else []
         blocks.append("\n".join([*block, head, format_table(table)]))
-    if rows is None and not as_json:
+    if not answered and not as_json:
         blocks.append("(SLURM did not answer: its states are shown as 'unavailable')")
     return "\n".join(lines) if as_json else "\n\n".join(blocks)
 

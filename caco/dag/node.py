@@ -58,6 +58,9 @@ class NodeJob:
     headline: list[str] = field(default_factory=list)  # metrics also logged on the parent
     output_root: str = ""  # where shared evaluation data (e.g. generated scenes) lives
     final: bool = True  # the run's final checkpoint (baselines are computed next to it)
+    cache: str = ""  # a result cache file (evaluate.py backfill): read if there, else written
+    use_cache: bool = True  # False (--force): recompute, then replace the cached result
+    metric_prefix: str = ""  # parent metrics are eval/<prefix><metric>
 
     @property
     def out_dir(self) -> Path:
@@ -73,6 +76,22 @@ class NodeJob:
 
 def _slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
+
+
+def _cached(job: NodeJob) -> dict[str, Any] | None:
+    if not (job.cache and job.use_cache):
+        return None
+    try:
+        return json.loads(Path(job.cache).read_text())["metrics"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _store(job: NodeJob, metrics: dict[str, Any]) -> None:
+    if job.cache:
+        atomic_write_text(Path(job.cache), json.dumps(
+            {"metrics": metrics, "evaluator": job.evaluator, "settings": job.settings,
+             "checkpoint": job.checkpoint, "created": time.time()}, indent=1, default=str))
 
 
 def _evaluate(job: NodeJob) -> dict[str, Any]:
@@ -169,7 +188,8 @@ def _finish_child(tracker, job: NodeJob, metrics: dict[str, Any], status: str) -
     numbers = _numbers(metrics)
     if numbers:
         tracker.log_metrics(numbers, job.epoch)
-    headline = {f"eval/{k}": numbers[k] for k in _headline(job) if k in numbers}
+    headline = {f"eval/{job.metric_prefix}{k}": numbers[k] for k in _headline(job)
+                if k in numbers}
     if headline:
         tracker.log_metrics(headline, job.epoch, parent=True)
     from caco.dag.plan import REPORT
@@ -258,8 +278,12 @@ def _attempts(job: NodeJob, world: int, ledger: EvalLedger, child) -> dict[str, 
     for attempt in range(1, attempts + 1):
         ledger.update(job.epoch, job.node, key=job.key, attempts=attempt)
         t0 = time.perf_counter()
+        cached = _cached(job)
+        if cached is not None:
+            log.info("node %s (epoch %d): cached result of these weights and settings (%s); "
+                     "computed nothing", job.node, job.epoch, job.cache)
         try:
-            metrics = _evaluate(job)
+            metrics = cached if cached is not None else _evaluate(job)
         except Exception as e:
             message = str(e) if isinstance(e, CacoError) else f"{type(e).__name__}: {e}"
             errors.append(message)
@@ -267,14 +291,18 @@ def _attempts(job: NodeJob, world: int, ledger: EvalLedger, child) -> dict[str, 
             log.error("node %s (epoch %d) attempt %d/%d failed: %s", job.node, job.epoch,
                       attempt, attempts, message, exc_info=not isinstance(e, CacoError))
             continue
-        metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2), "processes": world}
+        if cached is None:
+            metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2),
+                       "processes": world}
+            _store(job, metrics)
         result = {"node": job.node, "evaluator": job.evaluator, "epoch": job.epoch,
-                  "checkpoint": job.checkpoint, "attempts": attempt, **metrics}
+                  "checkpoint": job.checkpoint, "attempts": attempt, **metrics,
+                  **({"cached": job.cache} if cached is not None else {})}
         atomic_write_text(job.out_dir / "metrics.json", json.dumps(result, indent=1))
         _finish_child(child, job, metrics, "FINISHED")
         ledger.update(job.epoch, job.node, key=job.key, state="COMPLETED",
                       metrics=_numbers(metrics), child_run_id=child.run_id if child else None,
-                      error=None, finished=time.time())
+                      error=None, finished=time.time(), cached=cached is not None)
         log.info("node %s (epoch %d) completed: %s", job.node, job.epoch, _numbers(metrics))
         return result
     _finish_child(child, job, {}, "FAILED")

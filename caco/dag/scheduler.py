@@ -169,26 +169,15 @@ class DagScheduler:
                 log.warning("the job is ending: evaluations of epoch %d not submitted (its "
                             "next start or `dag.py retry` submits them)", epoch)
                 break
-            with self.ledger.submission_lock():
-                entry = self.ledger.claim(epoch, spec.name, checkpoint)
-                if entry is None:
-                    entry = self.ledger.get(epoch, spec.name)
-                    if entry["state"] != "SUBMITTING":
-                        continue  # submitted before: never twice
-                    try:
-                        found = self.executor.lookup(entry["key"])
-                    except LookupUnavailable as e:
-                        log.warning("evaluation %s of epoch %d may have been submitted; SLURM "
-                                    "cannot be asked now (%s): left for `dag.py retry`",
-                                    spec.name, epoch, e)
-                        continue
-                    if found is not None:
-                        self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=found,
-                                           backend=self.executor.kind)
-                        log.info("evaluation %s of epoch %d was already submitted as job %s",
-                                 spec.name, epoch, found)
-                        continue
-                done.append(self._submit(spec, checkpoint, epoch, entry["key"]))
+            try:
+                entry = self.submit_node(spec, checkpoint, epoch)
+            except LookupUnavailable as e:
+                log.warning("evaluation %s of epoch %d may have been submitted; SLURM "
+                            "cannot be asked now (%s): left for `dag.py retry`",
+                            spec.name, epoch, e)
+                continue
+            if entry is not None:
+                done.append(entry)
         submitted = [e for e in done if e["state"] == "SUBMITTED"]
         if submitted:
             latency = time.time() - written
@@ -198,7 +187,28 @@ class DagScheduler:
                      ", ".join(f"{e['node']}={e['job_id']}" for e in submitted))
         return done
 
-    def _submit(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str) -> dict:
+    def submit_node(self, spec: NodeSpec, checkpoint: str, epoch: int,
+                    **job_fields: Any) -> dict | None:
+        """Claim, submit and record one node under the ledger's submission lock; None when
+        the ledger holds it already (never twice). ``job_fields`` go into its NodeJob.
+        Raises LookupUnavailable when a half-recorded submission cannot be checked."""
+        with self.ledger.submission_lock():
+            entry = self.ledger.claim(epoch, spec.name, checkpoint)
+            if entry is None:
+                entry = self.ledger.get(epoch, spec.name)
+                if entry["state"] != "SUBMITTING":
+                    return None  # submitted before: never twice
+                found = self.executor.lookup(entry["key"])
+                if found is not None:
+                    self.ledger.update(epoch, spec.name, state="SUBMITTED", job_id=found,
+                                       backend=self.executor.kind)
+                    log.info("evaluation %s of epoch %d was already submitted as job %s",
+                             spec.name, epoch, found)
+                    return None
+            return self._submit(spec, checkpoint, epoch, entry["key"], **job_fields)
+
+    def _submit(self, spec: NodeSpec, checkpoint: str, epoch: int, key: str,
+                **job_fields: Any) -> dict:
         from caco.sbatch import SubmissionRefused
 
         after = []
@@ -217,6 +227,8 @@ class DagScheduler:
                                             f"dependency {need} was never submitted")
             after.append((spec.dependency, need, str(dep.get("job_id"))))
         job = self._job(spec, checkpoint, epoch, key)
+        for name, value in job_fields.items():
+            setattr(job, name, value)
         try:
             job_id = self.executor.submit(job, spec.resources, after)
         except SubmissionRefused as e:
