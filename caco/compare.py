@@ -56,7 +56,9 @@ def pretraining_runs(uri: str, experiment: str, *, sweep: str | None = None,
 def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
     runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
     exps = quote(json.dumps([experiment_id], separators=(",", ":")))
-    return f"{ui.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"
+    from caco.tracking import ui_link
+
+    return ui_link("compare-runs", ui, f"runs={runs}&experiments={exps}")
 
 
 def table(runs: list, wanted: Sequence[str] | None = None) -> str:
@@ -70,3 +72,33 @@ def table(runs: list, wanted: Sequence[str] | None = None) -> str:
         cells += [f"{r.data.metrics[c]:.2f}" if c in r.data.metrics else "-" for c in shown]
         rows.append(cells)
     return format_table(["run", "status", "epochs", *shown], rows)
+
+
+def sort_runs(runs: list, metric: str, *, descending: bool = True) -> list:
+    """Runs ordered by ``metric`` (runs without it last, in their order); a metric no run
+    has is refused, naming the ones they have."""
+    have = [r for r in runs if metric in r.data.metrics]
+    if not have:
+        known = sorted({k for r in runs for k in r.data.metrics if k.startswith("eval/")})
+        raise ConfigError(f"--sort {metric}: no listed run has this metric; eval metrics "
+                          f"there: {known or 'none yet'}")
+    have.sort(key=lambda r: r.data.metrics[metric], reverse=descending)
+    return have + [r for r in runs if metric not in r.data.metrics]
+
+
+def write_html(runs: list, out: str) -> tuple[str, list[str]]:
+    """The report of these runs (their run directories, from the ``run_dir`` tag) in
+    ``out``; returns its index.html and the runs whose directory is not here."""
+    from pathlib import Path
+
+    from caco.report.page import write_runs_report
+
+    dirs, missing = [], []
+    for r in runs:
+        d = r.data.tags.get("run_dir")
+        if d and (Path(d) / "config.yaml").exists():
+            dirs.append(d)
+        else:
+            missing.append(r.info.run_name)
+    index = write_runs_report(dirs, out, f"comparison of {len(dirs)} run(s)")
+    return str(index), missing

@@ -142,9 +142,19 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, token
-# usage); with it, in the model-training view: the runs table.
+# MLflow 3's UI opens experiments in its GenAI view (traces, token usage, "Detect issues").
+# The tag marks ours as model training; MLflow 3.17's UI still follows its own GenAI/Model
+# training switch (default GenAI, kept in the browser) unless the link says
+# ?workflowType=machine_learning, so every link we print carries it (ui_link).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_link(route: str, base: str = "", query: str = "") -> str:
+    """An MLflow UI link (``route`` like ``experiments/1/runs/<id>``) that opens in the
+    model-training view; ``base`` is the UI's address ("" for a link inside the UI)."""
+    query = f"{query}&{UI_VIEW}" if query else UI_VIEW
+    return f"{base.rstrip('/')}{'/' if base else ''}#/{route}?{query}"
 
 
 def prepare_experiment(uri: str, name: str, artifact_root: str | os.PathLike | None = None) -> str:

@@ -96,6 +96,56 @@ def test_child_runs_and_parent_metrics_in_mlflow(run):
     assert sorted(history("eval/dag_failed_nodes")) == [(1, 0.0), (2, 1.0)]
 
 
+def test_the_report_node_draws_the_runs_report_and_logs_it_on_the_pretraining_run(run):
+    from mlflow.tracking import MlflowClient
+
+    report = run["run_dir"] / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    cells = {(c["epoch"], c["node"]): c for c in summary["runs"][0]["cells"]}
+    assert cells[2, "broken"]["state"] == "FAILED" and "not found" in cells[2, "broken"]["error"]
+    assert cells[2, "knn"]["value"] == _entries(run["run_dir"])[2, "knn"]["metrics"]["knn_top1"]
+    assert summary["runs"][0]["history_epochs"] == [1, 2]
+    assert [m["epoch"] for m in summary["runs"][0]["milestones"]] == [1, 2]
+    page = (report / "index.html").read_text()
+    for png in ("eval_metrics.png", "matrix.png", "training.png", "cost.png"):
+        assert (report / png).stat().st_size > 5_000, png
+    assert page.count("data:image/png;base64,") == 4  # self-contained
+    assert "FAILED" in page and "not found" in page  # the failed cell is visible
+    assert not (report / "config.yaml").exists()
+
+    client = MlflowClient(f"sqlite:///{run['root']}/mlflow.db")
+    info = json.loads((run["run_dir"] / "tracking.json").read_text())
+    parent = client.get_run(info["run_id"])
+    logged = {a.path for a in client.list_artifacts(info["run_id"], "report")}
+    assert {"report/index.html", "report/eval_metrics.png", "report/matrix.png"} <= logged
+    note = parent.data.tags["mlflow.note.content"]
+    children = {c.info.run_name: c.info.run_id for c in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{info['run_id']}'")}
+    link = f"(#/experiments/{parent.info.experiment_id}/runs/{children['e0002-knn']}?workflowType"
+    assert link in note
+    assert "e0002-broken" in note and "FAILED" in note and "report/index.html" in note
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_report_py_of_a_run_and_of_a_non_run(run, tmp_path):
+    proc = run_cli("report.py", str(run["run_dir"]), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    assert "report written to" in proc.stdout and (tmp_path / "r" / "index.html").exists()
+    bad = run_cli("report.py", str(tmp_path / "nothing"))
+    assert bad.returncode == 2 and "not a pretraining run directory" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_watch_of_an_ended_run_says_so_and_exits_1_on_a_failed_node(run):
+    proc = run_cli("dag.py", "status", str(run["run_dir"]), "--watch", "--interval", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "dag: finished, [####################] 2/2" in lines[0]
+    assert "e2: " in lines[0] and "broken FAILED" in lines[0] and "knn ok" in lines[0]
+    assert lines[-1] == "everything has ended: something failed (see above)"
+
+
 def test_relaunch_submits_nothing_twice_and_status_shows_the_ledger(run):
     before = _entries(run["run_dir"])
     again = _pretrain(run["root"], run["missing"])
@@ -162,3 +212,85 @@ def test_linear_probe_trains_with_ddp_across_the_nodes_processes(run, tmp_path):
     assert e["metrics"]["processes"] == 2 and 0 <= e["metrics"]["linear_top1"] <= 100
     assert "process group: rank 1 of 2 on " in log and "process group: rank 0 of 2 on " in log
     assert log.count("node linear (epoch 2) completed") == 1  # rank 0 alone records
+
+
+def _copy_as_new_run(run_dir: Path, dest: Path) -> str:
+    """The run's config and checkpoints in a new run directory with its own MLflow run (the
+    same weights, another run: what two identical sweep points are)."""
+    import shutil
+
+    from caco.tracking import Tracker, prepare_experiment
+
+    dest.mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", dest / "config.yaml")
+    shutil.copytree(run_dir / "checkpoints", dest / "checkpoints")
+    uri = json.loads((run_dir / "tracking.json").read_text())["uri"]
+    tracker = Tracker(uri, prepare_experiment(uri, "caco"), dest)
+    tracker.start(run_name=dest.name)
+    return tracker.run_id
+
+
+def test_evaluate_backfills_checkpoints_caches_results_and_records_each_run(run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, root = run["run_dir"], run["root"]
+    ask = ("evaluate.py", "eval=knn", f"runs={run_dir}", "eval.knn.k=5", "resources.threads=1")
+    first = run_cli(*ask, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    entries = _entries(run_dir)
+    assert entries[1, "knn_k5"]["state"] == entries[2, "knn_k5"]["state"] == "COMPLETED"
+    assert entries[2, "knn_k5"]["metrics"]["knn_top1"] != entries[2, "knn"]["metrics"]["knn_top1"]
+    assert not entries[2, "knn_k5"]["cached"]
+    cache = sorted((root / "evals" / "cache").glob("*.json"))
+    assert len(cache) == 2
+
+    again = run_cli(*ask, timeout=300)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0 and said.count("already COMPLETED") == 2, said
+    assert _entries(run_dir)[2, "knn_k5"]["finished"] == entries[2, "knn_k5"]["finished"]
+
+    copy = tmp_path / "runs" / "copy"
+    copy_id = _copy_as_new_run(run_dir, copy)
+    hit = run_cli("evaluate.py", "eval=knn", f"runs={copy}", "eval.knn.k=5",
+                  "checkpoints=last", timeout=300)
+    assert hit.returncode == 0, hit.stdout + hit.stderr
+    assert "cached result, computed nothing" in hit.stdout + hit.stderr
+    e = EvalLedger(copy).get(2, "knn_k5")
+    assert e["state"] == "COMPLETED" and e["cached"] and EvalLedger(copy).get(1, "knn_k5") is None
+    assert e["metrics"]["knn_top1"] == entries[2, "knn_k5"]["metrics"]["knn_top1"]
+    metrics = json.loads((copy / "evals" / "e0002" / "knn_k5" / "metrics.json").read_text())
+    assert metrics["cached"] == str(cache[0]) or metrics["cached"] == str(cache[1])
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    for parent, steps in ((json.loads((run_dir / "tracking.json").read_text())["run_id"],
+                           [1, 2]), (copy_id, [2])):
+        history = client.get_metric_history(parent, "eval/knn_k5.knn_top1")
+        assert sorted(m.step for m in history) == steps
+        children = client.search_runs(
+            ["0", client.get_run(parent).info.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = 'e0002-knn_k5'")
+        assert len(children) == 1 and children[0].info.status == "FINISHED"
+
+    forced = run_cli("evaluate.py", "eval=knn", f"runs={copy}", "eval.knn.k=5",
+                     "checkpoints=last", "resources.threads=1", "--force", timeout=300)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    e = EvalLedger(copy).get(2, "knn_k5")
+    assert not e["cached"] and e["round"] == 1
+    assert "cached" not in json.loads(
+        (copy / "evals" / "e0002" / "knn_k5" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["runs=/nonexistent/run"], "is not a pretraining run directory"),
+    (["checkpoints=some"], "checkpoints='some': use one of"),
+    (["cluster=moon"], "Could not find 'cluster/moon'"),
+    ([], "pass checkpoint=<path>"),
+])
+def test_evaluate_bad_backfill_inputs_are_one_message(run, args, needle):
+    given = ["eval=knn", *args]
+    if not any(a.startswith("runs=") for a in args) and args:
+        given.append(f"runs={run['run_dir']}")
+    proc = run_cli("evaluate.py", *given, timeout=120)
+    assert proc.returncode == (1 if "cluster=moon" in args else 2), proc.stdout + proc.stderr
+    said = proc.stdout + proc.stderr
+    assert needle in said and "Traceback" not in said

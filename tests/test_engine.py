@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import assert_same_weights, compose_pretrain, model_state
@@ -40,6 +42,33 @@ def test_checkpoint_layout_and_milestones(uninterrupted):
     assert (uninterrupted / "config.yaml").exists()
 
 
+def test_train_history_has_one_line_per_epoch(uninterrupted):
+    from caco.report.collect import read_history
+
+    lines = (uninterrupted / "train_history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    rows = read_history(uninterrupted)
+    for row in rows:
+        assert row["train/loss"] > 0 and row["train/images_per_sec"] > 0
+        assert row["world"] == 1 and row["device"] == "cpu" and row["threads"] >= 1
+    assert rows[0]["train/lr"] != rows[-1]["train/lr"]  # the schedule, as trained
+
+
+def test_weights_digest_follows_the_weights_not_the_file(uninterrupted, tmp_path):
+    from caco.checkpoint import weights_digest
+
+    ckpts = uninterrupted / "checkpoints"
+    assert weights_digest(ckpts / "last.pt") == weights_digest(ckpts / "epoch_0003.pt")
+    assert weights_digest(ckpts / "epoch_0002.pt") != weights_digest(ckpts / "epoch_0003.pt")
+    ckpt = torch.load(ckpts / "last.pt", weights_only=True)
+    ckpt["mlflow_run_id"], ckpt["optimizer"] = "another-run", {}  # same weights, other run
+    torch.save(ckpt, tmp_path / "copy.pt")
+    assert weights_digest(tmp_path / "copy.pt") == weights_digest(ckpts / "last.pt")
+    ckpt["model"]["bank.W"][0, 0] += 1e-6
+    torch.save(ckpt, tmp_path / "changed.pt")
+    assert weights_digest(tmp_path / "changed.pt") != weights_digest(ckpts / "last.pt")
+
+
 def test_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     cfg = _cfg(tmp_path, "epochs=3", "tracking.enabled=false", "stop_poll_steps=1")
     run_dir = tmp_path / "runs" / "stopped"
@@ -59,6 +88,11 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(tmp_path, uninterrupted
     assert second["status"] == "finished"
     assert_same_weights(model_state(run_dir / "checkpoints/last.pt"),
                         model_state(uninterrupted / "checkpoints/last.pt"))
+    from caco.report.collect import read_history
+
+    with open(run_dir / "train_history.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train/lo')  # torn by a kill mid-write: skipped
+    assert [r["epoch"] for r in read_history(run_dir)] == [1, 2, 3]
 
 
 def test_a_stop_request_is_polled_every_stop_poll_steps(tmp_path):

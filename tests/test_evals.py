@@ -186,3 +186,30 @@ def test_detection_bad_inputs_are_one_message(smoke_checkpoint, tmp_path):
     proc = run_cli("evaluate.py", "eval=detection", f"checkpoint={corrupt}",
                    f"output_root={tmp_path}")
     assert proc.returncode == 2 and "corrupt.pt" in proc.stdout + proc.stderr
+
+
+def test_pixel_baseline_is_the_same_knn_on_the_flattened_images(smoke_checkpoint):
+    from omegaconf import OmegaConf
+
+    from caco.data.pretrain import build_eval_loader
+    from caco.knn import knn_classify
+    from evals.knn import evaluate
+
+    ours, _ = smoke_checkpoint
+    knn = {"k": 10, "temperature": 0.1, "train_subset": 600, "test_subset": 300,
+           "batch_size": 128, "pixels_baseline": True, "random_init_baseline": False}
+    cfg = OmegaConf.create({"eval": {"knn": knn}, "device": "cpu", "data": None})
+    got = evaluate(ours, cfg)
+    data = OmegaConf.create(torch.load(ours, weights_only=True)["config"]["data"])
+
+    def pixels(split, n):
+        images, labels = zip(*build_eval_loader(data, split, 128, n))
+        return torch.cat(images).flatten(1), torch.cat(labels)
+
+    (xtr, ytr), (xte, yte) = pixels("train", 600), pixels("val", 300)
+    plain = knn_classify(xtr, ytr, xte, yte, k=10, temperature=0.1)
+    mean = xtr.mean(0, keepdim=True)
+    centred = knn_classify(xtr - mean, ytr, xte - mean, yte, k=10, temperature=0.1)
+    assert got["knn_top1_pixels"] == pytest.approx(plain["top1"])
+    assert got["knn_top1_pixels_centred"] == pytest.approx(centred["top1"])
+    assert got["knn_top1_pixels"] != got["knn_top1"]  # not the encoder's number

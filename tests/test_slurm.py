@@ -186,6 +186,42 @@ def test_a_failing_evaluation_is_retried_in_its_job_then_reported(sweep_dag):
     assert report["failed"] == ["broken"]
 
 
+def test_sweep_report_costs_from_sacct_watch_and_a_backfill_job(sweep, sweep_dag):
+    """The sweep's report (cost from sacct), `dag.py status --watch` of the ended sweep, and a
+    backfill of the last checkpoint as a SLURM job (cluster=slurm) through the ledger."""
+    from caco.dag.admin import run_dirs
+
+    sweep_dir = sweep_dag["dirs"][0].parent
+    t0 = time.perf_counter()
+    proc = run_cli("report.py", str(sweep_dir), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"report.py of the 2-run SLURM sweep: {time.perf_counter() - t0:.1f} s")
+    summary = json.loads((sweep_dir / "report" / "summary.json").read_text())
+    assert len(summary["runs"]) == 2
+    for run in summary["runs"]:
+        assert run["pretraining"]["source"] == "sacct" and run["pretraining"]["cpu_s"] > 0
+        assert all(c["wall_s"] is not None for c in run["cells"] if c["state"] == "COMPLETED")
+    assert run_dirs(sweep_dir)[0] == sweep_dag["dirs"]  # report/ is not a run directory
+
+    watch = run_cli("dag.py", "status", str(sweep_dir), "--watch", "--interval", "1",
+                    timeout=120)
+    assert watch.returncode == 1, watch.stdout + watch.stderr  # the broken node failed
+    assert watch.stdout.count("COMPLETED (job ") == 2 and "broken FAILED" in watch.stdout
+
+    run_dir = sweep_dag["dirs"][1]
+    proc = run_cli("evaluate.py", "eval=knn", f"runs={run_dir}", "checkpoints=last",
+                   "cluster=slurm", "eval.knn.k=3", "resources.gpus=0", "resources.cpus=1",
+                   "resources.mem_gb=1", "resources.timeout_min=5", "resources.device=cpu",
+                   "resources.threads=1", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entry = EvalLedger(run_dir).get(2, "knn_k3")
+    assert entry["backend"] == "slurm" and str(entry["job_id"]).isdigit()
+    states = wait_for_jobs([str(entry["job_id"])], 300, [run_dir / "dag" / "slurm"])
+    assert states == {str(entry["job_id"]): "COMPLETED"}
+    entry = EvalLedger(run_dir).get(2, "knn_k3")
+    assert entry["state"] == "COMPLETED" and 0 <= entry["metrics"]["knn_top1"] <= 100
+
+
 def test_a_submission_interrupted_before_the_ledger_write_is_not_repeated(cluster, tmp_path):
     """Crash between sbatch and the ledger update: the SUBMITTING entry is found by its key."""
     from caco.dag.executors import SlurmExecutor

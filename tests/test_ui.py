@@ -14,6 +14,8 @@ import tempfile
 import pytest
 from helpers import ROOT, run_cli
 
+from caco.tracking import ui_link
+
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = ROOT / "tests" / "artifacts" / "ui"
@@ -68,12 +70,13 @@ def test_runs_and_their_evaluation_metrics_render_in_the_mlflow_ui(tracked_sweep
     assert "eval/knn_top1" in lines[0] and len([x for x in lines if "FINISHED" in x]) == 2
     url = re.search(r"compare in MLflow: (\S+)", cmp.stdout).group(1)
     assert url.startswith(server.uri + "/#/compare-runs?runs=")
-    experiment = json.loads(re.search(r"experiments=(\S+)", url).group(1)
+    assert url.endswith("&workflowType=machine_learning")
+    experiment = json.loads(re.search(r"experiments=([^&\s]+)", url).group(1)
                             .replace("%5B", "[").replace("%5D", "]").replace("%22", '"'))[0]
     names = [line.split()[0] for line in lines[2:] if line.strip()][:2]
     assert sorted(names) == ["0_seed0", "1_seed1"]
 
-    runs_page = render(f"{server.uri}/#/experiments/{experiment}/runs", "run_list")
+    runs_page = render(ui_link(f"experiments/{experiment}/runs", server.uri), "run_list")
     for name in names:
         assert name in runs_page, f"run {name} not in the rendered run list"
     compare_page = render(url, "compare")
@@ -81,3 +84,63 @@ def test_runs_and_their_evaluation_metrics_render_in_the_mlflow_ui(tracked_sweep
         assert name in compare_page, f"run {name} not on the rendered compare page"
     assert "eval/knn_top1" in compare_page and "eval/dag_failed_nodes" in compare_page
     assert (ARTIFACTS / "compare.png").stat().st_size > 10_000
+
+
+def _experiment_id(server, name: str = "ui") -> str:
+    from caco.tracking import client
+
+    return client(server.uri).get_experiment_by_name(name).experiment_id
+
+
+def test_the_experiment_opens_on_its_runs_and_the_parent_links_its_evaluations(tracked_sweep):
+    from caco.tracking import client
+
+    server = tracked_sweep["server"]
+    exp = _experiment_id(server)
+    assert client(server.uri).get_experiment(exp).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    # A plain link opens MLflow 3's GenAI view (traces), with no run on it: ours do not.
+    page = render(ui_link(f"experiments/{exp}", server.uri), "experiment")
+    assert "0_seed0" in page and "1_seed1" in page, "the experiment did not open on its runs"
+
+    run_dir = next(p.parent for p in tracked_sweep["root"].glob("**/0_seed0/config.yaml"))
+    parent = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    note = client(server.uri).get_run(parent).data.tags["mlflow.note.content"]
+    assert "e0001-knn" in note and "report/index.html" in note
+    page = render(ui_link(f"experiments/{exp}/runs/{parent}", server.uri), "parent_run")
+    assert "e0001-knn" in page and "report/index.html" in page, "no description on the run"
+    page = render(ui_link(f"experiments/{exp}/runs/{parent}/artifactPath/report/index.html",
+                          server.uri), "report_artifact")
+    assert "eval_metrics.png" in page and "index.html" in page
+
+
+def test_the_sweep_report_renders_with_its_charts_and_compare_writes_one(tracked_sweep):
+    import time
+
+    from caco.dag.admin import run_dirs
+
+    sweep_dir = next(tracked_sweep["root"].glob("**/0_seed0/config.yaml")).parent.parent
+    before = run_dirs(sweep_dir)[0]
+    t0 = time.perf_counter()
+    proc = run_cli("report.py", str(sweep_dir))
+    print(f"report.py of the 2-run sweep: {time.perf_counter() - t0:.1f} s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert run_dirs(sweep_dir)[0] == before and len(before) == 2  # report/ is no run
+    page = render((sweep_dir / "report" / "index.html").as_uri(), "sweep_report")
+    drawn = re.findall(r'data-drawn="(\d+)x(\d+)"', page)
+    assert len(drawn) == 4 and all(int(w) > 300 and int(h) > 150 for w, h in drawn), drawn
+    assert "0_seed0" in page and "1_seed1" in page and "knn_top1" in page
+    assert (ARTIFACTS / "sweep_report.png").stat().st_size > 20_000
+
+    server = tracked_sweep["server"]
+    out = tracked_sweep["root"] / "compare_report"
+    cmp = run_cli("compare.py", "--tracking-uri", server.uri, "--experiment", "ui",
+                  "--sort", "eval/knn_top1", "--html", str(out))
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    rows = [line.split() for line in cmp.stdout.splitlines()[2:4]]
+    column = cmp.stdout.splitlines()[0].split().index("eval/knn_top1")
+    assert float(rows[0][column]) >= float(rows[1][column])
+    assert f"report of 2 run(s): {out / 'index.html'}" in cmp.stdout
+    bad = run_cli("compare.py", "--tracking-uri", server.uri, "--experiment", "ui",
+                  "--sort", "eval/nothing")
+    assert bad.returncode == 2 and "no listed run has this metric" in bad.stderr

@@ -97,6 +97,8 @@ def cache_key(digest: str, job) -> str:
 
 
 def _run_config(run_dir: Path, name: str, cluster: str | None, cfg: DictConfig) -> DictConfig:
+    # cluster: the command's cluster=local|slurm (its partition and sbatch options too), or
+    # None: the run's own.
     """The run's own config, with the evaluator (today's registry entry if the run predates
     it) and the executor this command asks for."""
     from caco.evaluators import registry, today_config
@@ -109,8 +111,10 @@ def _run_config(run_dir: Path, name: str, cluster: str | None, cfg: DictConfig) 
                               f"{sorted(today)})")
         OmegaConf.update(run_cfg, f"eval.{name}", OmegaConf.to_container(
             today_config().eval[name], resolve=True), force_add=True)
-    OmegaConf.update(run_cfg, "cluster.name", cluster or OmegaConf.select(
-        run_cfg, "cluster.name", default=None) or "local", force_add=True)
+    if cluster and cluster != OmegaConf.select(run_cfg, "cluster.name", default=None):
+        run_cfg.cluster = OmegaConf.create(OmegaConf.to_container(cfg.cluster, resolve=True))
+    if not OmegaConf.select(run_cfg, "cluster.name", default=None):
+        OmegaConf.update(run_cfg, "cluster.name", "local", force_add=True)
     return run_cfg
 
 
@@ -137,13 +141,11 @@ def backfill(cfg: DictConfig, name: str, overrides: list[str]) -> int:
         raise ConfigError(f"runs={cfg.runs}: no run directory (with config.yaml) there")
     settings = given_settings(name, overrides)
     node = node_name(name, settings, cfg.get("node"))
-    cluster = cfg.get("cluster")
-    if cluster not in (None, "local", "slurm"):
-        raise ConfigError(f"cluster={cluster!r}: use local or slurm (or leave it out: each "
-                          "run's own)")
+    cluster = OmegaConf.select(cfg, "cluster.name", default=None)
     raw = cfg.get("resources")
     resources = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else \
         dict(raw or {})
+    resources = {k: v for k, v in resources.items() if v is not None}
     waiting, failed, submitted = [], 0, 0
     for run_dir in runs:
         ckpts = checkpoints_of(run_dir, str(cfg.checkpoints))

@@ -212,7 +212,8 @@ def _publish_report(tracker, job: NodeJob) -> None:
     if folder.is_dir():
         tracker.log_artifacts(folder, REPORT_DIR, parent=True)
     tracker.set_tags({"mlflow.note.content": description(
-        job.run_dir, info.get("experiment_id"), info.get("run_id"))}, parent=True)
+        job.run_dir, info.get("experiment_id"), info.get("run_id"), exclude=job.node)},
+        parent=True)
 
 
 def _process_group(job: NodeJob) -> tuple[int, int]:

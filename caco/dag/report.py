@@ -89,19 +89,26 @@ def report(run_dir: str, epoch: int, exclude: str = "report") -> dict[str, Any]:
     return metrics
 
 
-def description(run_dir: str, experiment_id: str | None, run_id: str | None) -> str:
-    """The pretraining run's MLflow note (markdown): its evaluations by checkpoint, each
-    linked to its child run, and where the report is."""
+def description(run_dir: str, experiment_id: str | None, run_id: str | None,
+                exclude: str = "report") -> str:
+    """The pretraining run's MLflow note (markdown): its evaluations by checkpoint (the
+    roll-up nodes ``exclude`` left out), each linked to its child run, and where the report
+    is."""
+    from caco.tracking import ui_link
+
+    route = f"experiments/{experiment_id}/runs/{run_id}"
     ledger = EvalLedger(run_dir)
     lines = ["**CaCo pretraining run**: evaluations are child runs, listed by checkpoint; the "
              "report (charts, checkpoint x evaluation matrix, cost) is under Artifacts: "
-             + (f"[report/index.html](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/"
-                "report/index.html)" if experiment_id and run_id else "report/index.html"),
+             + (f"[report/index.html]({ui_link(route + '/artifactPath/report/index.html')})"
+                if experiment_id and run_id else "report/index.html"),
              "", "| checkpoint | node | state | result |", "|---|---|---|---|"]
     for e in ledger.entries():
+        if e["node"] == exclude:
+            continue
         name = f"e{e['epoch']:04d}-{e['node']}"
         child = e.get("child_run_id")
-        shown = f"[{name}](#/experiments/{experiment_id}/runs/{child})" \
+        shown = f"[{name}]({ui_link(f'experiments/{experiment_id}/runs/{child}')})" \
             if child and experiment_id else name
         metrics = e.get("metrics") or {}
         result = ", ".join(f"{k} {v:g}" for k, v in metrics.items()

@@ -43,6 +43,11 @@ class Cell:
     def value(self) -> float | None:
         return self.metrics.get(self.headline) if self.headline else None
 
+    @property
+    def evaluation(self) -> bool:
+        """An evaluation (what the matrix shows), not the DAG's own roll-up."""
+        return self.evaluator != "report"
+
 
 @dataclass
 class Run:
@@ -66,6 +71,8 @@ class Run:
         baselines, in registry order."""
         out: list[str] = []
         for cell in self.cells:
+            if not cell.evaluation:
+                continue
             for m in self.headline.get(cell.evaluator, []):
                 if m not in out and not is_baseline(m) and m in cell.metrics:
                     out.append(m)
@@ -173,10 +180,12 @@ def collect_run(run_dir: str | Path, costs: dict[str, dict[str, float]] | None =
         spec = nodes.get(e["node"], {})
         evaluator = str(spec.get("evaluator") or e.get("evaluator") or e["node"])
         names = headline.get(evaluator) or []
+        metrics = dict(e.get("metrics") or {})
+        shown = [n for n in names if n in metrics and not is_baseline(n)] or names
         cell = Cell(epoch=int(e["epoch"]), node=e["node"], evaluator=evaluator,
-                    state=e["state"], metrics=dict(e.get("metrics") or {}),
-                    error=e.get("error"), job_id=str(e["job_id"]) if e.get("job_id") else None,
-                    headline=names[0] if names else None)
+                    state=e["state"], metrics=metrics, error=e.get("error"),
+                    job_id=str(e["job_id"]) if e.get("job_id") else None,
+                    headline=shown[0] if shown else None)
         _cell_cost(cell, e, spec.get("resources") or {}, costs)
         cells.append(cell)
     history = read_history(run_dir)
@@ -223,12 +232,17 @@ def _pretraining_cost(run_dir: Path, history: list[dict[str, Any]],
 
 
 def collect(path: str | Path) -> tuple[list[Run], bool]:
-    """Every run of ``path`` (a run or a sweep directory) and whether it is a sweep; SLURM is
-    asked once for all jobs' costs (without an answer, local times are used)."""
+    """Every run of ``path`` (a run or a sweep directory) and whether it is a sweep."""
+    dirs, is_sweep = run_dirs(path)
+    return collect_dirs(dirs), is_sweep
+
+
+def collect_dirs(dirs: list[Path]) -> list[Run]:
+    """The runs of these directories; SLURM is asked once for all their jobs' costs (without
+    an answer, local times are used)."""
     from caco.dag.ledger import EvalLedger, LedgerError
     from caco.slurm_accounting import SlurmUnavailable, job_costs
 
-    dirs, is_sweep = run_dirs(path)
     jobs: list[str] = []
     for d in dirs:
         jobs += _pretraining_jobs(d)
@@ -240,7 +254,7 @@ def collect(path: str | Path) -> tuple[list[Run], bool]:
             costs = job_costs(jobs)
         except SlurmUnavailable as e:
             log.warning("SLURM accounting unavailable (%s): costs from local times", e)
-    return [collect_run(d, costs) for d in dirs], is_sweep
+    return [collect_run(d, costs) for d in dirs]
 
 
 def milestone_costs(run: Run) -> list[dict[str, Any]]:

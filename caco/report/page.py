@@ -34,6 +34,12 @@ img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
+# Each chart records its decoded size once the page has loaded (a check that a browser really
+# drew it: tests read it from the rendered DOM).
+_LOADED = ("<script>window.addEventListener('load', () => document.querySelectorAll('img')"
+           ".forEach(i => i.dataset.drawn = i.naturalWidth + 'x' + i.naturalHeight));</script>")
+
+
 def ui_base(uri: str | None) -> str:
     """Where the MLflow UI of ``uri`` is: the server itself, or ``mlflow ui``'s default."""
     from caco.tracking import redact
@@ -47,7 +53,9 @@ def run_url(run: c.Run) -> str | None:
     m = run.mlflow
     if not m or not m.get("run_id") or not m.get("experiment_id"):
         return None
-    return f"{ui_base(m.get('uri'))}/#/experiments/{m['experiment_id']}/runs/{m['run_id']}"
+    from caco.tracking import ui_link
+
+    return ui_link(f"experiments/{m['experiment_id']}/runs/{m['run_id']}", ui_base(m.get("uri")))
 
 
 def _hours(seconds: float | None) -> str:
@@ -86,13 +94,14 @@ def _runs_table(runs: list[c.Run]) -> str:
 def _matrix_tables(runs: list[c.Run]) -> str:
     out = []
     for r in runs:
-        if not r.cells:
+        cells = [cell for cell in r.cells if cell.evaluation]
+        if not cells:
             out.append(f"<p><b>{html.escape(r.name)}</b>: <span class='muted'>no evaluation "
                        "recorded yet</span></p>")
             continue
-        nodes = list(dict.fromkeys(cell.node for cell in sorted(r.cells, key=lambda x: x.epoch)))
-        epochs = sorted({cell.epoch for cell in r.cells})
-        at = {(cell.epoch, cell.node): cell for cell in r.cells}
+        nodes = list(dict.fromkeys(cell.node for cell in sorted(cells, key=lambda x: x.epoch)))
+        epochs = sorted({cell.epoch for cell in cells})
+        at = {(cell.epoch, cell.node): cell for cell in cells}
         rows = ["<tr><th>" + html.escape(r.name) + "</th>"
                 + "".join(f"<th>{html.escape(n)}</th>" for n in nodes) + "</tr>"]
         for e in epochs:
@@ -145,7 +154,8 @@ def summary(runs: list[c.Run]) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {"generated": time.time(), "runs": [
-        {**{k: v for k, v in asdict(r).items() if k != "history"},
+        {**{k: v for k, v in asdict(r).items() if k not in ("history", "cells")},
+         "cells": [{**asdict(cell), "value": cell.value} for cell in r.cells],
          "history_epochs": [row["epoch"] for row in r.history],
          "milestones": c.milestone_costs(r)} for r in runs]}
 
@@ -155,28 +165,37 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     ``out``); returns the path of its ``index.html``."""
     path = Path(path).expanduser().resolve()
     runs, is_sweep = c.collect(path)
-    out_dir = Path(out) if out else path / REPORT_DIR
+    return render(runs, Path(out) if out else path / REPORT_DIR,
+                  f"{'sweep' if is_sweep else 'run'} report: {path.name}", str(path))
+
+
+def write_runs_report(run_dirs: list[str | Path], out: str | Path, title: str) -> Path:
+    """The same report over chosen run directories (``compare.py --html``)."""
+    return render(c.collect_dirs([Path(d) for d in run_dirs]), Path(out), title,
+                  f"{len(run_dirs)} run directories")
+
+
+def render(runs: list[c.Run], out_dir: Path, title: str, where: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    kind = "sweep" if is_sweep else "run"
-    parts = [f"<h1>CaCo {kind} report: {html.escape(path.name)}</h1>",
-             f"<p class='muted'>{html.escape(str(path))} &middot; generated "
+    parts = [f"<h1>CaCo {html.escape(title)}</h1>",
+             f"<p class='muted'>{html.escape(where)} &middot; generated "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')} &middot; {len(runs)} run(s)</p>",
              _runs_table(runs)]
-    for name, title, draw in CHARTS:
+    for name, chart_title, draw in CHARTS:
         png = draw(runs, out_dir / name)
         if png is None:
             (out_dir / name).unlink(missing_ok=True)
-            parts.append(f"<h2>{html.escape(title)}</h2><p class='muted'>nothing to show yet"
-                         "</p>")
+            parts.append(f"<h2>{html.escape(chart_title)}</h2><p class='muted'>nothing to show "
+                         "yet</p>")
             continue
-        parts.append(_img(png, title))
+        parts.append(_img(png, chart_title))
         if name == "matrix.png":
             parts.append(_matrix_tables(runs))
         if name == "cost.png":
             parts.append(_cost_tables(runs))
     page = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>"
-            f"{html.escape(path.name)} report</title><style>{_STYLE}</style></head><body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+            f"{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
+            + "\n".join(parts) + f"\n{_LOADED}\n</body></html>\n")
     atomic_write_text(out_dir / "summary.json", json.dumps(summary(runs), indent=1, default=str))
     index = out_dir / "index.html"
     atomic_write_text(index, page)

@@ -60,6 +60,7 @@ def eval_metrics(runs: list[Run], path: Path) -> Path | None:
                            linewidth=1.2, label=f"{r.name}: {name.replace('_', ' ')}")
         ax.set_title(f"eval/{metric}")
         ax.set_xlabel("checkpoint epoch")
+        _integer_epochs(ax, {e for r in runs for e, _ in r.series(metric)})
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.savefig(path)
@@ -80,6 +81,7 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
                 ax.plot(xs, ys, marker=".", color=colours[r.run_dir], label=r.name)
         ax.set_title(curve)
         ax.set_xlabel("epoch")
+        _integer_epochs(ax, {row["epoch"] for r in runs for row in r.history if curve in row})
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize=7, loc="best")
@@ -90,39 +92,53 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
 def matrix(runs: list[Run], path: Path) -> Path | None:
     """Per run, checkpoints (rows) x nodes (columns): the state as colour, the headline
     number (or the state's name) as text."""
-    shown = [r for r in runs if r.cells]
+    cells = {r.run_dir: [c for c in r.cells if c.evaluation] for r in runs}
+    shown = [r for r in runs if cells[r.run_dir]]
     if not shown:
         return None
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    heights = [max(1, len({c.epoch for c in r.cells})) for r in shown]
-    from matplotlib.figure import Figure
-
-    width = max(4.0, 1.6 * max(len({c.node for c in r.cells}) for r in shown) + 1.5)
+    heights = [max(1, len({c.epoch for c in cells[r.run_dir]})) for r in shown]
+    width = max(4.0, 1.6 * max(len({c.node for c in cells[r.run_dir]}) for r in shown) + 1.5)
     fig = Figure(figsize=(width, sum(0.55 * h + 0.9 for h in heights) + 0.6), dpi=_DPI,
                  layout="constrained")
     axes = fig.subplots(len(shown), 1, squeeze=False, height_ratios=heights).ravel()
     for ax, r in zip(axes, shown):
-        epochs = sorted({c.epoch for c in r.cells})
-        nodes = list(dict.fromkeys(c.node for c in sorted(r.cells, key=lambda c: c.epoch)))
+        mine = cells[r.run_dir]
+        epochs = sorted({c.epoch for c in mine})
+        nodes = list(dict.fromkeys(c.node for c in sorted(mine, key=lambda c: c.epoch)))
         ax.set_xlim(0, len(nodes))
         ax.set_ylim(len(epochs), 0)
-        for c in r.cells:
+        for c in mine:
             x, y = nodes.index(c.node), epochs.index(c.epoch)
             ax.add_patch(_rect(x, y, STATE_COLOURS.get(c.state, "#ffb300")))
-            text = f"{c.value:.4g}" if c.state == "COMPLETED" and c.value is not None \
-                else c.state
+            text = f"{c.headline}\n{c.value:.4g}" if c.state == "COMPLETED" and \
+                c.value is not None else c.state
             ax.text(x + 0.5, y + 0.5, text, ha="center", va="center", fontsize=9,
                     color="white" if c.state in ("COMPLETED", "FAILED", "RUNNING") else "black")
         ax.set_xticks([i + 0.5 for i in range(len(nodes))], nodes)
         ax.set_yticks([i + 0.5 for i in range(len(epochs))], [f"epoch {e}" for e in epochs])
         ax.tick_params(length=0)
         ax.set_title(r.name, fontsize=10, loc="left")
-    states = sorted({c.state for r in shown for c in r.cells})
+    states = sorted({c.state for r in shown for c in cells[r.run_dir]})
     fig.legend(handles=[Patch(color=STATE_COLOURS.get(s, "#ffb300"), label=s) for s in states],
                loc="outside lower center", ncols=len(states), fontsize=8)
     fig.savefig(path)
     return path
+
+
+def _integer_epochs(ax, epochs: set[int]) -> None:
+    """Epoch ticks are whole numbers: the epochs themselves when there are few."""
+    from matplotlib.ticker import MaxNLocator
+
+    if 0 < len(epochs) <= 12:
+        ax.set_xticks(sorted(epochs))
+        if len(epochs) == 1:
+            e = next(iter(epochs))
+            ax.set_xlim(e - 1, e + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _rect(x: float, y: float, colour: str):
@@ -132,12 +148,16 @@ def _rect(x: float, y: float, colour: str):
 
 
 def cost(runs: list[Run], path: Path) -> Path | None:
-    """CPU-hours and GPU-hours per run, pretraining and evaluations stacked."""
+    """CPU-hours (and GPU-hours, when any GPU was used) per run, pretraining and
+    evaluations stacked."""
     if not runs:
         return None
-    fig, axes = _figure(2, per_row=2, size=(max(4.6, 1.2 * len(runs) + 2), 3.4))
+    units = ["cpu_s"]
+    if any(r.pretraining.get("gpu_s") or any(c.gpu_s for c in r.cells) for r in runs):
+        units.append("gpu_s")
+    fig, axes = _figure(len(units), per_row=2, size=(max(4.6, 1.2 * len(runs) + 2), 3.4))
     names = [r.name for r in runs]
-    for ax, unit in zip(axes, ("cpu_s", "gpu_s")):
+    for ax, unit in zip(axes, units):
         pre = [r.pretraining.get(unit, 0) / 3600 for r in runs]
         ev = [sum((c.__dict__.get(unit) or 0) for c in r.cells) / 3600 for r in runs]
         ax.bar(names, pre, label="pretraining", color="#5c6bc0")
