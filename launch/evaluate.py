@@ -22,7 +22,21 @@ def main(cfg: DictConfig) -> dict:
     return evaluate_main(cfg)
 
 
+def _quote_paths(argv: list[str]) -> list[str]:
+    """Sweep-point directories are named by their overrides (``epochs=2,seed=0``), which
+    Hydra's grammar would read as a sweep: path values are passed quoted."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in ("runs", "checkpoint") and value[:1] not in ("'", '"') and \
+                any(c in value for c in "=,[]{}()'\" "):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out
+
+
 if __name__ == "__main__":
     if "--force" in sys.argv:  # the backfill's "recompute", as a flag
         sys.argv = [a for a in sys.argv if a != "--force"] + ["force=true"]
+    sys.argv = _quote_paths(sys.argv)
     main()

@@ -294,3 +294,33 @@ def test_evaluate_bad_backfill_inputs_are_one_message(run, args, needle):
     assert proc.returncode == (1 if "cluster=moon" in args else 2), proc.stdout + proc.stderr
     said = proc.stdout + proc.stderr
     assert needle in said and "Traceback" not in said
+
+
+def test_watch_follows_a_training_run_until_it_ends(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from helpers import ROOT
+
+    train = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "experiment=smoke", "epochs=4",
+         "dag=none", "tracking.enabled=false", f"output_root={tmp_path}", "run_name=live"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "runs" / "live"
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "lease.json").exists():
+            assert time.time() < deadline and train.poll() is None, "the run did not start"
+            time.sleep(0.2)
+        watch = run_cli("dag.py", "status", str(run_dir), "--watch", "--interval", "0.5",
+                        timeout=300)
+    finally:
+        train.wait(300)
+    assert train.returncode == 0
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    lines = watch.stdout.splitlines()
+    progress = [line.split(", ")[1] for line in lines[:-1]]
+    assert len(set(progress)) >= 2, lines  # it refreshed while the run trained
+    assert "running" in lines[0] and "finished, [####################] 4/4" in lines[-2]
+    assert lines[-1] == "everything has ended: all completed"
