@@ -121,6 +121,10 @@ def watch(path: str | Path, *, interval: float = 10.0, out=None,
         while True:
             runs, _, _ = snapshot(path)
             views = [view(r) for r in runs]
+            from caco.report.collect import short_names
+
+            for v, name in zip(views, short_names([v["run"] for v in views], 60)):
+                v["run"] = name
             if live is not None:
                 live.update(table(views, title), refresh=True)
             else:

@@ -274,3 +274,34 @@ def milestone_costs(run: Run) -> list[dict[str, Any]]:
                     "cpu_s": p["cpu_s"] * share + (cell.cpu_s or 0),
                     "gpu_s": p["gpu_s"] * share + (cell.gpu_s or 0)})
     return out
+
+
+def short_names(names: list[str], width: int = 40) -> list[str]:
+    """Short names of sweep points: the number and the whole ``key=value`` items in which the
+    directory names differ (``0 seed=0``); a lone name is cut to ``width``."""
+    def cut(text: str) -> str:
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    if len(names) < 2:
+        return [cut(n) for n in names]
+    parts = []
+    for name in names:
+        num, sep, rest = name.partition("_")
+        parts.append((num, rest) if sep and num.isdigit() else ("", name))
+    rests = [rest for _, rest in parts]
+    lo, hi = _common(rests), _common([x[::-1] for x in rests])
+    out = []
+    for num, rest in parts:
+        start = rest.rfind(",", 0, lo) + 1
+        end = rest.find(",", max(lo, len(rest) - hi))
+        middle = rest[start:end if end >= 0 else len(rest)] if lo + hi < len(rest) else rest
+        out.append(cut(" ".join(x for x in (num, middle) if x)))
+    return out
+
+
+def _common(texts: list[str]) -> int:
+    """How many leading characters all texts share."""
+    n = 0
+    while all(len(t) > n for t in texts) and len({t[n] for t in texts}) == 1:
+        n += 1
+    return n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from caco.report.collect import TRAIN_CURVES, Run
+from caco.report.collect import TRAIN_CURVES, Run, short_names
 
 STATE_COLOURS = {"COMPLETED": "#2e7d32", "FAILED": "#c62828", "TIMEOUT": "#c62828",
                  "CANCELLED": "#9e9e9e", "RUNNING": "#1565c0", "SUBMITTED": "#90caf9",
@@ -30,6 +30,11 @@ def _figure(n: int, per_row: int = 3, size: tuple[float, float] = (4.6, 3.2)):
     return fig, axes[:n]
 
 
+def labels(runs: list[Run], width: int = 40) -> dict[str, str]:
+    """Legend names (see :func:`caco.report.collect.short_names`) by run directory."""
+    return dict(zip((r.run_dir for r in runs), short_names([r.name for r in runs], width)))
+
+
 def _colours(runs: list[Run]) -> dict[str, str]:
     from matplotlib import colormaps
 
@@ -46,7 +51,7 @@ def eval_metrics(runs: list[Run], path: Path) -> Path | None:
     if not metrics:
         return None
     fig, axes = _figure(len(metrics))
-    colours = _colours(runs)
+    colours, names = _colours(runs), labels(runs)
     styles = {"random_init": "--", "pixels": ":", "pixels_centred": "-.", "supervised": "--"}
     for ax, metric in zip(axes, metrics):
         for r in runs:
@@ -54,10 +59,10 @@ def eval_metrics(runs: list[Run], path: Path) -> Path | None:
             if not series:
                 continue
             xs, ys = zip(*series)
-            ax.plot(xs, ys, marker="o", color=colours[r.run_dir], label=r.name)
+            ax.plot(xs, ys, marker="o", color=colours[r.run_dir], label=names[r.run_dir])
             for name, value in r.baselines(metric).items():
                 ax.axhline(value, color=colours[r.run_dir], linestyle=styles.get(name, "--"),
-                           linewidth=1.2, label=f"{r.name}: {name.replace('_', ' ')}")
+                           linewidth=1.2, label=f"{names[r.run_dir]}: {name.replace('_', ' ')}")
         ax.set_title(f"eval/{metric}")
         ax.set_xlabel("checkpoint epoch")
         _integer_epochs(ax, {e for r in runs for e, _ in r.series(metric)})
@@ -72,13 +77,13 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     if not curves:
         return None
     fig, axes = _figure(len(curves))
-    colours = _colours(runs)
+    colours, names = _colours(runs), labels(runs)
     for ax, curve in zip(axes, curves):
         for r in runs:
             points = [(row["epoch"], row[curve]) for row in r.history if curve in row]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker=".", color=colours[r.run_dir], label=r.name)
+                ax.plot(xs, ys, marker=".", color=colours[r.run_dir], label=names[r.run_dir])
         ax.set_title(curve)
         ax.set_xlabel("epoch")
         _integer_epochs(ax, {row["epoch"] for r in runs for row in r.history if curve in row})
@@ -120,7 +125,7 @@ def matrix(runs: list[Run], path: Path) -> Path | None:
         ax.set_xticks([i + 0.5 for i in range(len(nodes))], nodes)
         ax.set_yticks([i + 0.5 for i in range(len(epochs))], [f"epoch {e}" for e in epochs])
         ax.tick_params(length=0)
-        ax.set_title(r.name, fontsize=10, loc="left")
+        ax.set_title(labels(runs, 80)[r.run_dir], fontsize=10, loc="left")
     states = sorted({c.state for r in shown for c in cells[r.run_dir]})
     fig.legend(handles=[Patch(color=STATE_COLOURS.get(s, "#ffb300"), label=s) for s in states],
                loc="outside lower center", ncols=len(states), fontsize=8)
@@ -156,7 +161,7 @@ def cost(runs: list[Run], path: Path) -> Path | None:
     if any(r.pretraining.get("gpu_s") or any(c.gpu_s for c in r.cells) for r in runs):
         units.append("gpu_s")
     fig, axes = _figure(len(units), per_row=2, size=(max(4.6, 1.2 * len(runs) + 2), 3.4))
-    names = [r.name for r in runs]
+    names = [labels(runs, 24)[r.run_dir] for r in runs]
     for ax, unit in zip(axes, units):
         pre = [r.pretraining.get(unit, 0) / 3600 for r in runs]
         ev = [sum((c.__dict__.get(unit) or 0) for c in r.cells) / 3600 for r in runs]
