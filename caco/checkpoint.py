@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from caco.errors import CacoError, ConfigError
-from caco.fileio import atomic_write, fsync_dir
+from caco.fileio import atomic_write, fsync_dir, read_json
 from caco.model import CaCo, build_model
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ REPLICA_KEYS = ("epochs", "batch_size", "seed", "optim", "data.augment", "data.i
                 "data.train_subset", "data.kind")
 
 PROGRESS_FILE = "progress.json"
+_MILESTONE = re.compile(r"epoch_(\d{4,})\.pt")
 
 
 class CheckpointError(CacoError, ValueError):
@@ -175,13 +177,10 @@ def save_last(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def progress(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """How far a run got: ``{'epoch', 'step_in_epoch', 'epochs', 'time'}`` of its last.pt."""
-    import json
-
     ckpt = Path(run_dir) / "checkpoints" / "last.pt"
-    try:
-        return json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
-    except (OSError, ValueError):
-        pass
+    sidecar = read_json(Path(run_dir) / PROGRESS_FILE)
+    if sidecar is not None:
+        return sidecar
     if not ckpt.exists():
         return None
     try:  # a run from before the sidecar: mapped, so no tensor is read
@@ -207,6 +206,13 @@ def link_or_copy(src: Path, dst: Path) -> Path:
     os.replace(tmp, dst)
     fsync_dir(dst.parent)
     return dst
+
+
+def milestones(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the milestone checkpoints (``epoch_NNNN.pt``) in a folder, by
+    epoch."""
+    found = ((_MILESTONE.fullmatch(p.name), p) for p in Path(checkpoint_dir).glob("epoch_*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
 
 
 def publish_milestone(last: Path, epoch: int) -> Path:
@@ -430,16 +436,18 @@ class CheckpointManager:
         return None
 
 
-def weights_digest(path: str | os.PathLike) -> str:
+def weights_digest(source: str | os.PathLike | Mapping[str, Any]) -> str:
     """SHA-256 of a checkpoint's model weights (names, dtypes, shapes, bytes; the optimizer,
     RNG and run id left out): equal for checkpoints that hold the same model, whichever run
-    wrote them (what evaluation results are cached by)."""
+    wrote them (what evaluation results are cached by). ``source``: a file or a checkpoint
+    already read."""
     import hashlib
 
-    ckpt = read_checkpoint(path)
+    ckpt = source if isinstance(source, Mapping) else read_checkpoint(source)
     state = ckpt.get("model") if "model" in ckpt else ckpt.get("state_dict")
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} holds no model weights ('model' or 'state_dict')")
+        where = "the checkpoint" if isinstance(source, Mapping) else str(source)
+        raise CheckpointError(f"{where} holds no model weights ('model' or 'state_dict')")
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]

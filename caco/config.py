@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -33,3 +34,12 @@ def compose(name: str = "pretrain", overrides: Sequence[str] = ()) -> DictConfig
         return hydra_compose(name, overrides=list(overrides))
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(name, overrides=list(overrides))
+
+
+def plain(value: Any) -> dict[str, Any]:
+    """A config section (OmegaConf node, mapping or None) as a plain, resolved dict."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return dict(value or {})

@@ -9,7 +9,7 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from caco.errors import CacoError
 
@@ -62,6 +62,19 @@ def exclusive_lock(path: str | os.PathLike, *, wait: bool = True) -> Iterator[bo
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
+
+
+def read_json(path: str | os.PathLike | None) -> Any:
+    """The JSON in ``path``, or None where there is none to read (no file, unreadable, torn):
+    for state files that another process may be writing or may never have written."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:

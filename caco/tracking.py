@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from caco.fileio import atomic_write_text
+from caco.fileio import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class Tracker:
         return self.journal.path
 
     def _state(self) -> dict[str, Any]:
-        return _read_json(self.state_path) or {}
+        return read_json(self.state_path) or {}
 
     def _save_state(self, **fields: Any) -> None:
         state = {**self._state(), **fields}
@@ -337,7 +337,7 @@ class Tracker:
 
     def _resolve(self, run: str) -> str | None:
         if run == "parent":
-            return (_read_json(self.parent_state) or {}).get("run_id") \
+            return (read_json(self.parent_state) or {}).get("run_id") \
                 if self.parent_state else None
         return self.run_id
 
@@ -488,18 +488,9 @@ def is_auth_error(error: BaseException) -> bool:
     return "error code 401" in text or "error code 403" in text
 
 
-def _read_json(path: Path | None) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_run_file(run_dir: str | os.PathLike) -> dict | None:
     """A pretraining run's ``tracking.json``: uri, experiment, run id (None until created)."""
-    return _read_json(Path(run_dir) / RUN_FILE)
+    return read_json(Path(run_dir) / RUN_FILE)
 
 
 def node_writers(run_dir: str | os.PathLike,

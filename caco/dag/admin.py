@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from caco.dag.ledger import EvalLedger
 from caco.errors import ConfigError
+from caco.fileio import read_json
 from caco.job_states import ACTIVE, RETRYABLE, SLURM_FINAL, ledger_state
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _pretraining(run_dir: Path, point: dict | None, rows: dict | None) -> dict[s
     from caco.processes import alive
 
     info: dict[str, Any] = {"run_dir": str(run_dir)}
-    lease = _read_json(run_dir / LEASE_FILE) or {}
+    lease = read_json(run_dir / LEASE_FILE) or {}
     job = (point or {}).get("job_id") or lease.get("slurm_job_id")
     if job:
         info["job_id"] = str(job)
@@ -129,15 +130,6 @@ def _pretraining_line(info: dict[str, Any]) -> str:
         if info.get("step_in_epoch"):
             done += f" (+{info['step_in_epoch']} steps)"
     return f"pretraining: {where}, {done}"
-
-
-def _read_json(path: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------- status
@@ -197,7 +189,7 @@ def snapshot(path: str | Path) -> tuple[list[dict[str, Any]], bool, bool]:
     jobs = [e.get("job_id") for es in ledgers.values() for e in es]
     jobs += [p.get("job_id") for p in points.values()]
     for r in runs:
-        lease = _read_json(r / "lease.json") or {}
+        lease = read_json(r / "lease.json") or {}
         jobs.append(lease.get("slurm_job_id"))
     rows = _slurm_rows([j for j in jobs if j])
     out = [{"run_dir": r, "pretraining": _pretraining(r, points.get(r), rows),
@@ -367,7 +359,7 @@ def cancel(path: str | Path, *, wait_s: float = 90.0) -> dict[str, list[str]]:
         if r in points:
             slurm_jobs.append(str(points[r]["job_id"]))
         else:
-            lease = _read_json(r / "lease.json") or {}
+            lease = read_json(r / "lease.json") or {}
             if lease.get("slurm_job_id") and not lease.get("released"):
                 slurm_jobs.append(str(lease["slurm_job_id"]))
             elif lease and not lease.get("released"):

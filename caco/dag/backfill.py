@@ -26,12 +26,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from caco.config import plain
 from caco.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CHOICES = ("all", "milestones", "last")
-_MILESTONE = re.compile(r"epoch_(\d{4,})\.pt$")
 
 
 def checkpoints_of(run_dir: Path, which: str) -> list[tuple[int, Path]]:
@@ -40,25 +40,20 @@ def checkpoints_of(run_dir: Path, which: str) -> list[tuple[int, Path]]:
     milestone file and the run is not training (a file being rewritten is no checkpoint)."""
     if which not in CHOICES:
         raise ConfigError(f"checkpoints={which!r}: use one of {list(CHOICES)}")
-    found = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("epoch_*.pt")
-                   if (m := _MILESTONE.search(p.name)))
-    if which == "all":
-        from caco.checkpoint import progress
+    from caco.checkpoint import milestones, progress
+    from caco.fileio import read_json
+    from caco.lease import LEASE_FILE
 
+    found = milestones(run_dir / "checkpoints")
+    if which == "all":
         last = run_dir / "checkpoints" / "last.pt"
-        epoch = (progress(run_dir) or {}).get("epoch")
-        lease = _read_json(run_dir / "lease.json") or {}
-        if last.exists() and epoch and epoch not in dict(found) and lease.get("released") \
-                and not (progress(run_dir) or {}).get("step_in_epoch"):
+        done = progress(run_dir) or {}
+        epoch = done.get("epoch")
+        released = (read_json(run_dir / LEASE_FILE) or {}).get("released")
+        if last.exists() and epoch and epoch not in dict(found) and released \
+                and not done.get("step_in_epoch"):
             found.append((int(epoch), last))
     return found[-1:] if which == "last" else found
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def given_settings(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -86,21 +81,23 @@ def node_name(name: str, settings: dict[str, Any], given: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "", "_".join([name, *parts]))[:80]
 
 
-def cache_key(digest: str, job) -> str:
-    from caco.checkpoint import read_checkpoint
+def cache_key(job) -> str:
+    """What an evaluation's result depends on: the weights (not the file: identical weights
+    from another run hit), the evaluator and its settings, the data, the model and seed."""
+    from caco.checkpoint import read_checkpoint, weights_digest
 
-    config = read_checkpoint(job.checkpoint).get("config") or {}
-    what = {"weights": digest, "evaluator": job.evaluator, "module": job.module,
+    ckpt = read_checkpoint(job.checkpoint)
+    config = ckpt.get("config") or {}
+    what = {"weights": weights_digest(ckpt), "evaluator": job.evaluator, "module": job.module,
             "settings": job.settings, "data": job.data, "final": job.final,
             "model": config.get("model"), "seed": config.get("seed")}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _run_config(run_dir: Path, name: str, cluster: str | None, cfg: DictConfig) -> DictConfig:
-    # cluster: the command's cluster=local|slurm (its partition and sbatch options too), or
-    # None: the run's own.
     """The run's own config, with the evaluator (today's registry entry if the run predates
-    it) and the executor this command asks for."""
+    it) and the executor this command asks for (``cluster``: the command's local|slurm with
+    its partition and sbatch options, or None: the run's own)."""
     from caco.evaluators import registry, today_config
 
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -121,8 +118,7 @@ def _run_config(run_dir: Path, name: str, cluster: str | None, cfg: DictConfig) 
 def node_resources(run_cfg: DictConfig, node: str, name: str,
                    given: dict[str, Any]) -> dict[str, Any]:
     """The run's DAG resources for this node (or for its evaluator's node), then ``given``."""
-    raw = OmegaConf.select(run_cfg, "dag.nodes", default=None)
-    nodes = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else {}
+    nodes = plain(OmegaConf.select(run_cfg, "dag.nodes", default=None))
     base = (nodes.get(node) or nodes.get(name) or {}).get("resources") or {}
     return {**base, **given}
 
@@ -130,7 +126,6 @@ def node_resources(run_cfg: DictConfig, node: str, name: str,
 def backfill(cfg: DictConfig, name: str, overrides: list[str]) -> int:
     """Evaluate ``cfg.runs``'s checkpoints with evaluator ``name``; returns the exit status
     (0: every evaluation completed or was submitted, 1: one failed)."""
-    from caco.checkpoint import weights_digest
     from caco.dag.admin import run_dirs
     from caco.dag.plan import NodeSpec
     from caco.dag.scheduler import DagScheduler
@@ -142,10 +137,7 @@ def backfill(cfg: DictConfig, name: str, overrides: list[str]) -> int:
     settings = given_settings(name, overrides)
     node = node_name(name, settings, cfg.get("node"))
     cluster = OmegaConf.select(cfg, "cluster.name", default=None)
-    raw = cfg.get("resources")
-    resources = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else \
-        dict(raw or {})
-    resources = {k: v for k, v in resources.items() if v is not None}
+    resources = {k: v for k, v in plain(cfg.get("resources")).items() if v is not None}
     waiting, failed, submitted = [], 0, 0
     for run_dir in runs:
         ckpts = checkpoints_of(run_dir, str(cfg.checkpoints))
@@ -169,7 +161,7 @@ def backfill(cfg: DictConfig, name: str, overrides: list[str]) -> int:
             if entry is not None:
                 scheduler.ledger.reset(epoch, node)  # the old record goes to the history
             job = scheduler._job(spec, str(path), epoch, "")
-            key = cache_key(weights_digest(path), job)
+            key = cache_key(job)
             cache = Path(str(run_cfg.output_root)).expanduser().resolve() / "evals" / \
                 "cache" / f"{key}.json"
             hit = cache.exists() and not cfg.force

@@ -46,12 +46,10 @@ class NodeSpec:
 def dag_nodes(cfg: Any) -> dict[str, Any]:
     """The run's DAG nodes: ``dag.nodes``, plus a final kNN node when ``eval.knn.final`` asks
     for one and no kNN node evaluates the final checkpoint (``dag=none`` included)."""
-    from omegaconf import OmegaConf
+    from caco.config import plain
 
     dag = cfg.get("dag") or {}
-    raw = dag.get("nodes")
-    nodes = OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else \
-        dict(raw or {})
+    nodes = plain(dag.get("nodes"))
     knn = (cfg.get("eval") or {}).get("knn")
     if not (knn is not None and knn.get("final")):
         return nodes

@@ -24,7 +24,6 @@ with SLURM's words; the checkpoint's other nodes are still submitted (those that
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,6 @@ from caco.job_states import FINAL
 from caco.processes import alive, identity
 
 log = logging.getLogger(__name__)
-
-_MILESTONE = re.compile(r"epoch_(\d{4,})\.pt$")
 
 
 def eval_settings(cfg: DictConfig, spec: NodeSpec) -> dict[str, Any]:
@@ -268,11 +265,11 @@ class DagScheduler:
         self._caught_up = True
         if self.executor.kind == "local":
             self.recover_local()
+        from caco.checkpoint import milestones
+
         done = []
-        for path in sorted((self.run_dir / "checkpoints").glob("epoch_*.pt")):
-            m = _MILESTONE.search(path.name)
-            if m:
-                done += self.schedule(str(path), int(m.group(1)))
+        for epoch, path in milestones(self.run_dir / "checkpoints"):
+            done += self.schedule(str(path), epoch)
         return done
 
     # ------------------------------------------------------------------ end of training

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from caco.job_states import FINAL
+from caco.job_states import FINAL, SLURM_FINAL
 
 MARKS = {"COMPLETED": "ok", "FAILED": "FAILED", "CANCELLED": "cancelled", "TIMEOUT": "TIMEOUT",
          "RUNNING": "running", "SUBMITTED": "queued", "SUBMITTING": "submitting"}
@@ -23,19 +23,15 @@ RECENT_EPOCHS = 3
 
 
 def eta_seconds(run_dir: str | Path, epochs_done: int | None, epochs: int | None) -> float | None:
-    """Seconds left at the recent pace: the last epochs' images/s over what remains."""
+    """Seconds left at the recent pace: the epochs that remain times the mean time of the last
+    few epochs (the same images per epoch, so the same as their images/s)."""
     from caco.report.collect import read_history
 
     if not epochs or epochs_done is None or epochs_done >= epochs:
         return None
-    recent = [r for r in read_history(run_dir) if r.get("train/epoch_time_s")][-RECENT_EPOCHS:]
-    if not recent:
-        return None
-    images = sum(float(r["train/images_per_sec"]) * float(r["train/epoch_time_s"])
-                 for r in recent)
-    seconds = sum(float(r["train/epoch_time_s"]) for r in recent)
-    per_epoch_images = images / len(recent)
-    return (epochs - epochs_done) * per_epoch_images / (images / seconds)
+    recent = [float(r["train/epoch_time_s"]) for r in read_history(run_dir)
+              if r.get("train/epoch_time_s")][-RECENT_EPOCHS:]
+    return (epochs - epochs_done) * sum(recent) / len(recent) if recent else None
 
 
 def _duration(seconds: float | None) -> str:
@@ -77,8 +73,7 @@ def ended(runs: list[dict[str, Any]]) -> bool:
 
 
 def failed(runs: list[dict[str, Any]]) -> bool:
-    bad = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-           "BOOT_FAIL", "DEADLINE")
+    bad = SLURM_FINAL - {"COMPLETED"}
     return any(row["state"] != "COMPLETED" for r in runs for row in r["rows"]) or any(
         (r["pretraining"].get("slurm") in bad) or ("process" in r["pretraining"] and not
          r["pretraining"]["process"].endswith(": finished")) for r in runs)
@@ -105,6 +100,7 @@ def watch(path: str | Path, *, interval: float = 10.0, out=None,
           tty: bool | None = None) -> int:
     """Refresh until everything ended; returns 0 (all completed) or 1 (something failed)."""
     from caco.dag.admin import snapshot
+    from caco.report.collect import short_names
 
     out = out or sys.stdout
     tty = out.isatty() if tty is None else tty
@@ -121,8 +117,6 @@ def watch(path: str | Path, *, interval: float = 10.0, out=None,
         while True:
             runs, _, _ = snapshot(path)
             views = [view(r) for r in runs]
-            from caco.report.collect import short_names
-
             for v, name in zip(views, short_names([v["run"] for v in views], 60)):
                 v["run"] = name
             if live is not None:

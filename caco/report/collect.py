@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caco.fileio import read_json
+
 log = logging.getLogger(__name__)
 
 BASELINE_SUFFIXES = ("_random_init", "_pixels", "_pixels_centred", "_supervised")
@@ -92,13 +94,6 @@ def is_baseline(metric: str) -> bool:
     return metric.endswith(BASELINE_SUFFIXES)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     """``train_history.jsonl``: the last line of each epoch, epochs in order (a torn line, from
     a kill mid-write, is skipped)."""
@@ -156,7 +151,7 @@ def _pretraining_jobs(run_dir: Path) -> list[str]:
     if found:
         point = found[1]
         jobs += [str(j) for j in point.get("jobs") or [point.get("job_id")] if j]
-    lease = _read_json(run_dir / "lease.json") or {}
+    lease = read_json(run_dir / "lease.json") or {}
     if lease.get("slurm_job_id"):
         jobs.append(str(lease["slurm_job_id"]))
     return sorted(set(jobs))
@@ -189,7 +184,7 @@ def collect_run(run_dir: str | Path, costs: dict[str, dict[str, float]] | None =
         _cell_cost(cell, e, spec.get("resources") or {}, costs)
         cells.append(cell)
     history = read_history(run_dir)
-    info = _read_json(run_dir / "tracking.json") or {}
+    info = read_json(run_dir / "tracking.json") or {}
     mlflow = ({"uri": info.get("uri"), "experiment_id": info.get("experiment_id"),
                "run_id": info.get("run_id")} if info.get("run_id") else None)
     epochs = config.get("epochs")
