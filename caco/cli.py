@@ -60,6 +60,20 @@ def _dag_scheduler(cfg: DictConfig, run_dir: Path):
     return scheduler
 
 
+EXIT_STOPPED = 128 + 15  # as a process ended by SIGTERM: it did not finish
+
+
+def _local_stop_request():
+    """SIGTERM outside SLURM as a stop request (signals can be set in the main thread only)."""
+    import threading
+
+    from caco.distributed import StopRequest
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return StopRequest()
+
+
 def pretrain_main(cfg: DictConfig) -> dict:
     """Entry of ``launch/pretrain.py`` in every process of a job.
 
@@ -79,29 +93,39 @@ def pretrain_main(cfg: DictConfig) -> dict:
 
         check_pretrain(cfg)
         init_distributed(cfg)
-        guard = PreemptionGuard() if in_submitit_job() else None
-        stop = {"should_stop": guard.should_stop} if guard is not None else {}
+        guard = PreemptionGuard() if in_submitit_job() else _local_stop_request()
+        stop = {"should_stop": guard.should_stop, "requeued_after_stop": guard.requeued} \
+            if guard is not None else {}
         scheduler = _dag_scheduler(cfg, run_dir)
-        if guard is not None and scheduler is not None:
+        if isinstance(guard, PreemptionGuard) and scheduler is not None:
             guard.on_terminate(scheduler.stop_submitting)
         trainer = Pretrainer(cfg, run_dir, milestone_hooks=[scheduler] if scheduler else [],
                              **stop)
         summary = trainer.run()
+        stopped = summary["status"] == "stopped"
+        if guard is not None and not guard.requeued:
+            guard.immediate()
         if scheduler is not None:
-            finished = summary["status"] == "finished"
-            scheduler.close(wait=finished and bool((cfg.get("dag") or {}).get("wait", True)))
+            if stopped and not guard.requeued:
+                scheduler.interrupt()  # as Ctrl-C: a relaunch runs them again
+            scheduler.close(wait=not stopped and bool((cfg.get("dag") or {}).get("wait", True)))
             summary["dag"] = scheduler.summary()
-        if summary["status"] == "stopped" and guard is not None:
+        if stopped and isinstance(guard, PreemptionGuard):
             guard.hand_over()
+        elif stopped:
+            log.warning("stopped by SIGTERM at epoch %d step %d: last.pt is saved and the run "
+                        "is resumable; relaunch the same command (run_name=%s) to go on",
+                        trainer.state.epoch, trainer.state.step_in_epoch, run_dir.name)
+            sys.exit(EXIT_STOPPED)
     except CacoError as e:
         from caco.job_failure import record_own_failure
 
         record_own_failure(run_dir, e)
         log.error("%s", user_message(e))
         sys.exit(2)
-    except KeyboardInterrupt:
-        log.warning("interrupted (Ctrl-C): %s", "stopping local evaluations; the run resumes "
-                    "from its last checkpoint when relaunched with the same run_name")
+    except KeyboardInterrupt as e:
+        log.warning("interrupted (%s): %s", e or "Ctrl-C", "stopping local evaluations; the "
+                    "run resumes from its last checkpoint when relaunched with the same run_name")
         if scheduler is not None:
             scheduler.interrupt()
         raise

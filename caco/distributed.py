@@ -108,20 +108,59 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-class PreemptionGuard:
-    """SIGUSR2 (submitit's "checkpoint now": time limit or ``scancel --signal=USR2``) becomes
-    a flag that the training loop polls between steps, so the checkpoint is written at a
-    consistent point; then :meth:`hand_over` lets submitit requeue the job.
+class StopRequest:
+    """A signal that becomes a flag the training loop polls between steps, so the checkpoint
+    is written at a consistent point. Outside SLURM it is SIGTERM (``kill``, a container
+    stop, ``timeout``): the run saves last.pt mid-epoch and ends as stopped (resumable) instead
+    of dying where it stood; a second SIGTERM ends it at once (as Ctrl-C does).
 
     With several ranks the flag is max-reduced at every poll, so all ranks stop at the same
     step even if the signal reached them at different moments.
     """
 
-    def __init__(self, sig: int = signal.SIGUSR2) -> None:
+    requeued = False  # whether something resumes the run after the stop (SLURM's requeue)
+
+    def __init__(self, sig: int = signal.SIGTERM) -> None:
         self.sig = sig
         self.requested = False
         self._previous = signal.getsignal(sig)
         signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and not self.requeued:
+            raise KeyboardInterrupt(name)
+        if not self.requested:
+            log.warning("received %s: will checkpoint after this step%s", name,
+                        "" if self.requeued else f" and stop (another {name} stops at once)")
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if self.requested else 0.0])
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item() > 0)
+        return self.requested
+
+    def immediate(self) -> None:
+        """From now on the signal interrupts at once (training is over: nothing is left to
+        checkpoint, e.g. while waiting for local evaluations)."""
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(self.sig, self._previous)
+
+
+class PreemptionGuard(StopRequest):
+    """SIGUSR2 (submitit's "checkpoint now": time limit or ``scancel --signal=USR2``) as a
+    stop request; then :meth:`hand_over` lets submitit requeue the job."""
+
+    requeued = True
+
+    def __init__(self, sig: int = signal.SIGUSR2) -> None:
+        super().__init__(sig)
         self._on_terminate: list = []
         self._previous_term = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -137,25 +176,10 @@ class PreemptionGuard:
         if callable(self._previous_term):  # submitit's own handler (it logs and goes on)
             self._previous_term(signum, frame)
 
-    def _on_signal(self, signum, frame) -> None:
-        if not self.requested:
-            log.warning("received %s: will checkpoint after this step",
-                        signal.Signals(signum).name)
-        self.requested = True
-
-    def should_stop(self) -> bool:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([1.0 if self.requested else 0.0])
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.requested = bool(flag.item() > 0)
-        return self.requested
-
     def hand_over(self) -> None:
         """Give the signal to submitit's handler: on rank 0 it requeues the job and exits;
         other ranks wait for the requeue to end them."""
-        signal.signal(self.sig, self._previous)
+        self.restore()
         if callable(self._previous):
             self._previous(self.sig, None)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:

@@ -78,17 +78,21 @@ class Pretrainer:
 
     ``milestone_hooks`` are called on rank 0 with (checkpoint path, epoch) after each
     milestone checkpoint is written (the evaluation DAG's entry point). ``should_stop`` is
-    polled after every step; when it returns True the engine writes ``last.pt`` mid-epoch and
-    returns with ``status='stopped'`` (preemption).
+    polled every ``stop_poll_steps`` steps; when it returns True the engine writes ``last.pt``
+    mid-epoch and returns with ``status='stopped'``. With ``requeued_after_stop`` (SLURM's
+    preemption) the tracking run stays RUNNING for the requeued job; without it (a local
+    SIGTERM) it ends KILLED until a relaunch resumes it.
     """
 
     def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, *,
                  milestone_hooks: Sequence[MilestoneHook] = (),
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False,
+                 requeued_after_stop: bool = True) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir).resolve()
         self.milestone_hooks = list(milestone_hooks)
         self.should_stop = should_stop
+        self.requeued_after_stop = requeued_after_stop
         self.rt: Runtime = resolve_runtime(cfg)
         validate(cfg, self.rt.world)
         self.tracker = None
@@ -233,6 +237,8 @@ class Pretrainer:
             if self.tracker:
                 self.tracker.end("FINISHED")
             summary["epochs"] = self.cfg.epochs
+        elif self.tracker and not self.requeued_after_stop:
+            self.tracker.end("KILLED")
         return summary
 
     def _train(self, summary: dict[str, Any], resumed: bool) -> None:

@@ -101,3 +101,51 @@ def test_ctrl_c_during_local_evaluations_stops_them_cleanly_and_a_relaunch_runs_
         else:
             assert e["key"] not in by_key
     assert sorted(by_key[e["key"]] for e in entries.values()) == ["FINISHED"] * len(entries)
+
+
+def test_sigterm_of_a_local_run_checkpoints_stops_truthfully_and_a_relaunch_resumes(
+        tmp_path, undisturbed):
+    """``kill <trainer>`` (a container stop, ``timeout``): not a death where it stood, but a
+    stop at the next poll with last.pt saved, exit 143, the MLflow run KILLED (not RUNNING
+    for ever), its evaluations stopped; the same command with the same run_name resumes it."""
+    run_dir = tmp_path / "runs" / "run"
+    slow = ("eval.knn.train_subset=6000",)
+    proc = subprocess.Popen(pretrain_cmd(tmp_path, "run", *KNN_DAG, *slow), cwd=ROOT,
+                            env=chaos_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001.pt").exists(), 240,
+                  "the first milestone")
+        proc.send_signal(signal.SIGTERM)  # the trainer alone, as `kill PID` does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out
+    assert "received SIGTERM: will checkpoint after this step and stop" in out
+    assert "stopped by SIGTERM at epoch" in out and "run_name=run" in out
+    assert "Traceback" not in out
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert 1 <= progress["epoch"] < 3, progress  # it stopped, it did not finish
+    lease = json.loads((run_dir / "lease.json").read_text())
+    assert lease.get("released") and lease.get("status") == "stopped", lease
+    assert not [e for e in ledger(run_dir).values()
+                if e["state"] in ("RUNNING", "SUBMITTED", "SUBMITTING")]
+    for e in ledger(run_dir).values():
+        if e.get("process"):
+            assert _wait_for(lambda e=e: alive(e["process"]) is False, 30, "the node to end")
+
+    info = json.loads((run_dir / "tracking.json").read_text())
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(info["uri"])
+    assert client.get_run(info["run_id"]).info.status == "KILLED"
+
+    again = run_pretrain(tmp_path, "run", *KNN_DAG, *slow)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert client.get_run(info["run_id"]).info.status == "FINISHED"
+    assert json.loads((run_dir / "tracking.json").read_text())["run_id"] == info["run_id"]
+    entries = ledger(run_dir)
+    assert sorted(entries) == [(e, n) for e in (1, 2, 3) for n in ("knn", "report")]
+    assert {e["state"] for e in entries.values()} == {"COMPLETED"}
+    same_weights(run_dir, undisturbed)
