@@ -8,6 +8,8 @@ n-th time the point is reached in this process (on that rank only, when given):
 - ``ckpt.after_rename``    SIGKILL right after last.pt is renamed into place
 - ``milestone.before``     SIGKILL after last.pt was written, before epoch_NNNN.pt is published
 - ``step.raise``           RuntimeError inside the training step
+- ``step.slow``            from the n-th step on, every step sleeps ``CACO_SLOW_STEP_S`` seconds
+                           (default 0.5): a run that is surely still training when a test acts
 - ``sched.after_claim``    SIGKILL after the scheduler claimed a node, before submitting it
 - ``sched.after_submit``   SIGKILL after a node was submitted, before it is recorded
 """
@@ -38,6 +40,17 @@ def fires(point):
         return False
     COUNTS[point] = COUNTS.get(point, 0) + 1
     return COUNTS[point] == n
+
+
+def reached(point):
+    """Whether ``point`` has been reached at least n times (a lasting fault)."""
+    if point not in FAULTS:
+        return False
+    n, rank = FAULTS[point]
+    if rank is not None and rank != _rank():
+        return False
+    COUNTS[point] = COUNTS.get(point, 0) + 1
+    return COUNTS[point] >= n
 
 
 def die(point):
@@ -82,6 +95,10 @@ def patch_step(module):
     def caco_step(*args, **kwargs):
         if fires("step.raise"):
             raise RuntimeError("CHAOS: injected failure inside the training step")
+        if reached("step.slow"):
+            import time
+
+            time.sleep(float(os.environ.get("CACO_SLOW_STEP_S", "0.5")))
         return step(*args, **kwargs)
 
     module.caco_step = caco_step
