@@ -86,12 +86,14 @@ def build_view_transform(
     aug: ViewAug,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    *,
+    geometric: bool = True,
 ):
-    """The torchvision pipeline for one view: PIL image -> normalised float tensor."""
+    """The torchvision pipeline for one view: PIL image -> normalised float tensor.
+    ``geometric=False``: its colour part alone (no crop, no flip), e.g. to time it."""
     from torchvision import transforms as T
 
     steps = [
-        T.RandomResizedCrop(aug.size, scale=aug.scale),
         T.RandomApply([T.ColorJitter(*aug.jitter)], p=aug.jitter_p),
         T.RandomGrayscale(p=aug.gray_p),
     ]
@@ -99,7 +101,10 @@ def build_view_transform(
         steps.append(T.RandomApply([RandomGaussianBlur(aug.blur_sigma)], p=aug.blur_p))
     if aug.solarize_p > 0:
         steps.append(T.RandomSolarize(aug.solarize_threshold, p=aug.solarize_p))
-    steps += [T.RandomHorizontalFlip(p=aug.flip_p), T.ToTensor(), T.Normalize(mean, std)]
+    if geometric:
+        steps = [T.RandomResizedCrop(aug.size, scale=aug.scale), *steps,
+                 T.RandomHorizontalFlip(p=aug.flip_p)]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
 

@@ -66,46 +66,26 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (f * x + (1 - f) * gray(x)).clamp_(0, 1)
 
 
-# (r, g, b) of each of the six hue sectors, as indices into (v, q, p, t).
-_HUE_SECTORS = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]])
-
-
-_SECTORS_ON: dict[torch.device, torch.Tensor] = {}
-
-
-def _sectors_on(device: torch.device) -> torch.Tensor:
-    """The sector table on ``device``, copied once (a copy from pageable memory waits)."""
-    if device not in _SECTORS_ON:
-        _SECTORS_ON[device] = _HUE_SECTORS.to(device)
-    return _SECTORS_ON[device]
-
-
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shift`` (fraction of a turn, per sample) in HSV space."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
+    """Rotate the hue by ``shift`` (fraction of a turn, per sample) in HSV space, as
+    torchvision's ``adjust_hue``. Back to RGB by the sector-free form ``c_n = v - v*s*
+    clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6`` for n = 5, 3, 1: a few whole-tensor
+    ops instead of a gather per pixel."""
+    minc, maxc = torch.aminmax(x, dim=1, keepdim=True)
     delta = maxc - minc
     flat = delta == 0
-    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    safe = torch.where(flat, torch.ones_like(delta), delta)
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc,
-                    torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(flat, torch.zeros_like(h), (h / 6.0) % 1.0)
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    v = maxc
-    i = torch.floor(h * 6.0)
-    frac = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p = (v * (1 - s)).clamp_(0, 1)
-    q = (v * (1 - s * frac)).clamp_(0, 1)
-    t = (v * (1 - s * (1 - frac))).clamp_(0, 1)
-    # Sector i takes its (r, g, b) from (v, q, p, t) as _HUE_SECTORS[i] says: one gather
-    # instead of a select per sector.
-    planes = torch.stack((v, q, p, t), dim=1)
-    index = _sectors_on(x.device)[i].permute(0, 3, 1, 2)
-    return planes.gather(1, index)
+    s = delta / torch.where(maxc == 0, 1.0, maxc)
+    rc, gc, bc = ((maxc - x) / torch.where(flat, 1.0, delta)).unbind(1)
+    r, g, _ = x.unbind(1)
+    v = maxc[:, 0]
+    h = torch.where(v == r, bc - gc, torch.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat[:, 0], 0.0, (h / 6.0) % 1.0)
+    h6 = ((h + shift.view(-1, 1, 1)) % 1.0).mul_(6.0).unsqueeze(1)
+    # n = 5, 3, 1 made on the device (a copy from host memory would wait)
+    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (h6 + n).remainder_(6.0)
+    k = torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    return maxc - maxc * s * k
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int,
@@ -130,6 +110,43 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int,
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_HUE = _JITTER_OPS.index(adjust_hue)
+
+
+def blend_round(x: torch.Tensor, op: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """One jitter round of the blends, each sample its own: ``op`` 0 brightness, 1 contrast,
+    2 saturation, anything else none, with factor ``f``. All three are ``a*x + b*mean(gray)
+    + c*gray``; unused terms get coefficient 0, so a sample gets bit for bit what its op alone
+    computes, and the batch pays for one op instead of three."""
+    one, zero = torch.ones_like(f), torch.zeros_like(f)
+    a = _per_sample(torch.where((op >= 0) & (op < _HUE), f, one))
+    b = _per_sample(torch.where(op == 1, 1 - f, zero))
+    c = _per_sample(torch.where(op == 2, 1 - f, zero))
+    g = gray(x)
+    plane = c * g  # (b*mean + c*g): one plane, and exact, as one of b, c is 0 in every sample
+    plane += b * g.mean(dim=(1, 2, 3), keepdim=True)
+    y = a * x
+    y += plane
+    return y.clamp_(0, 1)
+
+
+def color_jitter(x: torch.Tensor, selected: torch.Tensor, order: torch.Tensor,
+                 factors: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` per sample (``order``: a permutation of the four ops per
+    sample, ``factors``: their factors), for the ``selected`` samples, branch-free.
+
+    Hue, the one costly op, runs once on the whole batch: the blends a sample does before its
+    hue run first (rounds 0-2, as far as its hue's position), then hue, then its blends after
+    it (rounds 1-3)."""
+    fac = factors.gather(1, order)  # each round's factor
+    op = torch.where(selected.view(-1, 1), order, -1)
+    hue_at = (order == _HUE).to(torch.int64).argmax(dim=1)
+    for r in range(3):
+        x = blend_round(x, torch.where(hue_at > r, op[:, r], -1), fac[:, r])
+    x = torch.where(_per_sample(selected), adjust_hue(x, factors[:, _HUE]), x)
+    for r in range(1, 4):
+        x = blend_round(x, torch.where(hue_at < r, op[:, r], -1), fac[:, r])
+    return x
 
 
 class ViewColorAugment:
@@ -142,6 +159,7 @@ class ViewColorAugment:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.blur_radius = math.ceil(3 * aug.blur_sigma[1])
         self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._run = self._stage
 
     def sample_params(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Every random choice for ``n`` samples, drawn on the CPU in a fixed order."""
@@ -171,24 +189,16 @@ class ViewColorAugment:
         """Colour ops with given ``params`` on float images in [0, 1]; returns new memory.
 
         Branch-free: every op runs on the whole batch, a sample it does not select gets the
-        op's identity (factor 1 for brightness, contrast and saturation, a delta kernel for
-        the blur) or keeps its pixels through ``torch.where`` (hue, grayscale, solarize).
+        op's identity (coefficient 1 and 0s for the blends, a delta kernel for the blur) or
+        keeps its pixels through ``torch.where`` (hue, grayscale, solarize).
         Nothing depends on the data's values, so nothing waits for the device and the stage
         can be compiled; a selected sample gets exactly what the op computes for it alone."""
-        if x.device.type == "cuda":  # asynchronous only from pinned memory
-            params = {k: v.pin_memory() for k, v in params.items()}
-        params = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
+        return self._colour(x, _on(params, x.device))
+
+    def _colour(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         a = self.aug
         if a.jitter_p > 0:
-            for r in range(4):
-                op_now = torch.where(params["jitter"], params["order"][:, r], -1)
-                for op_index, op in enumerate(_JITTER_OPS):
-                    sel = op_now == op_index
-                    f = params["factors"][:, op_index]
-                    if op is adjust_hue:
-                        x = torch.where(_per_sample(sel), op(x, f), x)
-                    else:
-                        x = op(x, torch.where(sel, f, torch.ones_like(f)))
+            x = color_jitter(x, params["jitter"], params["order"], params["factors"])
         if a.gray_p > 0:
             x = torch.where(_per_sample(params["gray"]), gray(x).expand(-1, 3, -1, -1), x)
         if a.blur_p > 0:
@@ -198,16 +208,33 @@ class ViewColorAugment:
             x = torch.where(flip, 1.0 - x, x)
         return x
 
+    def _stage(self, views: torch.Tensor, params: dict[str, torch.Tensor], mean: torch.Tensor,
+               std: torch.Tensor) -> torch.Tensor:
+        """uint8 views -> normalised floats, on the views' device (what :meth:`compile`
+        compiles)."""
+        return (self._colour(views.float().div_(255.0), params) - mean) / std
+
+    def compile(self) -> None:
+        """Run the stage as one compiled graph (``compile=true``): no graph break (it has no
+        data-dependent branch or shape), one graph per view size."""
+        self._run = torch.compile(self._stage, fullgraph=True, dynamic=False)
+
     def __call__(self, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if views.dtype != torch.uint8 or views.dim() != 4 or views.shape[1] != 3:
             raise ValueError(f"expected uint8 (B, 3, H, W) views, got {views.dtype} "
                              f"{tuple(views.shape)}")
-        params = self.sample_params(views.shape[0], generator)
-        x = self.apply(views.float().div_(255.0), params)
-        if x.device not in self._norm:  # made once per device (a copy from pageable memory waits)
-            self._norm[x.device] = (self.mean.to(x.device), self.std.to(x.device))
-        mean, std = self._norm[x.device]
-        return (x - mean) / std
+        params = _on(self.sample_params(views.shape[0], generator), views.device)
+        if views.device not in self._norm:  # once per device (a copy from pageable memory waits)
+            self._norm[views.device] = (self.mean.to(views.device), self.std.to(views.device))
+        return self._run(views, params, *self._norm[views.device])
+
+
+def _on(params: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The parameters (drawn on the CPU) on ``device``, without waiting for it: asynchronous
+    copies from pinned memory on CUDA."""
+    if device.type == "cuda":
+        params = {k: v.pin_memory() for k, v in params.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in params.items()}
 
 
 class DeviceAugment:
@@ -215,7 +242,13 @@ class DeviceAugment:
 
     def __init__(self, views: Sequence[ViewAug], mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD) -> None:
-        self.views = [ViewColorAugment(v, mean, std) for v in views]
+        stages: dict[ViewAug, ViewColorAugment] = {}  # views alike share one (one graph)
+        self.views = [stages.setdefault(v, ViewColorAugment(v, mean, std)) for v in views]
+
+    def compile(self) -> None:
+        """Compile each distinct view's stage (``compile=true``; see ViewColorAugment)."""
+        for stage in {id(v): v for v in self.views}.values():
+            stage.compile()
 
     def __call__(self, batch: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
         if len(batch) != len(self.views):

@@ -124,6 +124,7 @@ class Pretrainer:
         if rt.compile:
             self.core.encoder_q.compile()
             self.core.encoder_k.compile()
+            self.augment.compile()
         c = cfg.checkpoint
         self.ckpts = CheckpointManager(self.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                        milestones=c.milestones or (), every=c.every,

@@ -23,6 +23,7 @@ RUNNERS = {
     "dataloader": ("caco.bench.dataloader", "DataloaderBenchConfig"),
     "knn": ("caco.bench.knn", "KnnBenchConfig"),
     "gpu": ("caco.bench.gpu", "GpuBenchConfig"),
+    "augment": ("caco.bench.augment", "AugmentBenchConfig"),
 }
 
 

@@ -36,7 +36,8 @@ rc=0
 timeout 180 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py 2>&1 \
   | tee "$out/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-for bench in "bench=gpu" "bench=knn bench.device=cuda" \
+for bench in "bench=gpu" "bench=augment bench.device=cuda bench.image_size=224 bench.batch_size=256 bench.compile=true" \
+             "bench=knn bench.device=cuda" \
              "bench=knn bench.device=cuda bench.feature_dtype=fp16" \
              "bench=step bench.device=cuda bench.arch=resnet50 bench.small_stem=false bench.image_size=224 bench.batch_size=128 bench.bank_size=65536 bench.dim=256"; do
   name=$(echo "$bench" | tr ' =.' '_--' | cut -c1-60)

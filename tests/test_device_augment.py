@@ -153,3 +153,28 @@ def test_bad_inputs_are_named():
         aug([torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8)], seed=0)
     with pytest.raises(ValueError, match="got 1 views, the augmentation defines 2"):
         aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], seed=0)
+
+
+@pytest.mark.slow
+def test_the_colour_stage_compiles_as_one_graph_and_gives_the_same_views(textured):
+    """``compile=true``: no graph break (fullgraph), views alike share one compiled stage,
+    and the compiled views equal the eager ones."""
+    import torch._dynamo
+
+    views = caco_two_views(size=16)
+    eager, compiled = D.DeviceAugment(views), D.DeviceAugment([*views, views[1]])
+    assert compiled.views[1] is compiled.views[2]
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile()
+    batch = [textured[:64], textured[64:128], textured[64:128]]
+    for seed in (0, 1):
+        got, want = compiled(batch, seed), eager(batch[:2], seed)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 2  # one per distinct view, none recompiled
+    assert not counters["graph_break"]
+    with pytest.raises(ValueError, match="expected uint8"):
+        compiled.views[0](textured[:4].float(), torch.Generator())

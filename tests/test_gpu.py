@@ -39,6 +39,22 @@ def test_the_colour_stage_on_the_gpu_matches_the_cpu():
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
 
 
+def test_the_compiled_colour_stage_on_the_gpu_matches_eager_and_syncs_nothing():
+    from caco.augment import caco_two_views
+    from caco.device_augment import DeviceAugment
+    from caco.host_sync import HostSyncCounter
+
+    eager, compiled = DeviceAugment(caco_two_views(size=64)), DeviceAugment(caco_two_views(64))
+    compiled.compile()
+    batch = [_images(64, seed=1).cuda(), _images(64, seed=2).cuda()]
+    compiled(batch, seed=0)  # compiles
+    with HostSyncCounter() as counter:
+        got = compiled(batch, seed=11)
+    assert counter.total == 0, counter.counts
+    for a, b in zip(eager(batch, seed=11), got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
 def test_a_cuda_step_and_colour_stage_make_no_host_sync():
     from caco.augment import caco_two_views
     from caco.device_augment import DeviceAugment

@@ -42,6 +42,16 @@ def _scene(item: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     return (img.clip(0, 1) * 255).astype(np.uint8)
 
 
+def scenes(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` generated colour images (n, size, size, 3) uint8, in memory: the first ``n``
+    Fashion-MNIST train items as the folder's scenes."""
+    from caco.data.fashion_mnist import load_arrays
+
+    images, _ = load_arrays("train")
+    rng = np.random.default_rng(seed)
+    return np.stack([_scene(images[i], size, rng) for i in range(n)])
+
+
 def ensure_generated_folder(root: str | os.PathLike, *, train_per_class: int = 100,
                             val_per_class: int = 20, size: int = 96, seed: int = 0,
                             quality: int = 90) -> Path:
