@@ -124,7 +124,7 @@ def pretrain_main(cfg: DictConfig) -> dict:
         log.error("%s", user_message(e))
         sys.exit(2)
     except KeyboardInterrupt as e:
-        log.warning("interrupted (%s): %s", e or "Ctrl-C", "stopping local evaluations; the "
+        log.warning("interrupted (%s): %s", str(e) or "Ctrl-C", "stopping local evaluations; the "
                     "run resumes from its last checkpoint when relaunched with the same run_name")
         if scheduler is not None:
             scheduler.interrupt()

@@ -57,6 +57,13 @@ def resolve_device(want: str) -> torch.device:
     raise ConfigError(f"device={want!r}: use auto, cpu or cuda")
 
 
+def tune_for(device: torch.device) -> None:
+    """What a GPU process sets before its work (training and evaluation alike): with fixed
+    shapes, cuDNN times its algorithms once and keeps the fastest."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def resolve_runtime(cfg: DictConfig) -> Runtime:
     """Turn the top-level switches (device, precision, channels_last, compile) into a Runtime."""
     device = resolve_device(str(cfg.device))
@@ -75,7 +82,6 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     if int(cfg.get("threads", 0)) > 0 and device.type == "cpu":
         torch.set_num_threads(int(cfg.threads))
-    if device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once
-        torch.backends.cudnn.benchmark = True
+    tune_for(device)
     return Runtime(device, torch.bfloat16 if precision == "bf16" else None, channels_last,
                    compile_, rank, world, prefetch)

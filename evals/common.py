@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from caco.checkpoint import model_from_checkpoint, read_checkpoint
 from caco.errors import ConfigError
 from caco.model import Backbone, CaCo
-from caco.runtime import resolve_device
+from caco.runtime import resolve_device, tune_for
 
 
 def load_backbone(checkpoint: str | os.PathLike, device: torch.device
@@ -47,5 +47,6 @@ class EvalSetup:
 def prepare(checkpoint: str | os.PathLike, cfg: DictConfig) -> EvalSetup:
     """Device, the checkpoint's backbone (eval mode) and the data config to evaluate on."""
     device = resolve_device(str(cfg.get("device", "auto")))
+    tune_for(device)
     backbone, model, info = load_backbone(checkpoint, device)
     return EvalSetup(device, backbone, model, info, data_config(cfg, info))

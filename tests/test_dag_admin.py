@@ -24,14 +24,15 @@ def _dag(*args: str, env: dict | None = None, timeout: float = 120):
 @pytest.fixture(scope="module")
 def cancelled(tmp_path_factory):
     """A 2-point sweep with a kNN node per milestone, cancelled once its first evaluations are
-    queued. Its steps are slowed (0.5 s each, by the chaos suite's injection, inherited by the
-    SLURM jobs) so the jobs are surely still training when the cancel comes, however busy the
-    machine; the retry's jobs run at full speed."""
+    queued. Its steps (0.5 s each) and evaluations (a minute each) are slowed by the chaos
+    suite's injection, inherited by the SLURM jobs, so training and evaluations are surely
+    still going when the cancel comes, however busy the machine; the retry's jobs run at full
+    speed."""
     require_cluster()
     tmp = tmp_path_factory.mktemp("admin")
     slow = {"PYTHONPATH": os.pathsep.join(filter(None, (str(INJECT),
                                                         os.environ.get("PYTHONPATH")))),
-            "CACO_FAULTS": "step.slow#1"}
+            "CACO_FAULTS": "step.slow#1,eval.slow#1"}
     proc = run_cli("pretrain.py", "-m", "cluster=slurm", "experiment=smoke", "epochs=6",
                    "seed=0,1", "dag=smoke", "~dag.nodes.linear", "dag.nodes.report.needs=[knn]",
                    "checkpoint.milestones=[1,2,3,4,5]", f"output_root={tmp}", timeout=300,

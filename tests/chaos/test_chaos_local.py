@@ -52,9 +52,12 @@ def test_ctrl_c_during_local_evaluations_stops_them_cleanly_and_a_relaunch_runs_
     run_dir = tmp_path / "runs" / "run"
     # A kNN slow enough to be caught running (a larger memory than the smoke recipe's).
     slow = ("eval.knn.train_subset=6000",)
+    # As from a terminal: Ctrl-C's SIGINT is not ignored (a shell's `cmd &` ignores it in
+    # what it starts, and Python then keeps it ignored).
     proc = subprocess.Popen(pretrain_cmd(tmp_path, "run", *KNN_DAG, *slow), cwd=ROOT,
                             env=chaos_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def running():
         if not (run_dir / "eval_ledger.json").exists():

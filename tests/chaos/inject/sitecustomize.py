@@ -10,6 +10,9 @@ n-th time the point is reached in this process (on that rank only, when given):
 - ``step.raise``           RuntimeError inside the training step
 - ``step.slow``            from the n-th step on, every step sleeps ``CACO_SLOW_STEP_S`` seconds
                            (default 0.5): a run that is surely still training when a test acts
+- ``eval.slow``            every evaluation (kNN, linear, detection) first sleeps
+                           ``CACO_SLOW_EVAL_S`` seconds (default 60): surely still running when a
+                           test acts on it
 - ``sched.after_claim``    SIGKILL after the scheduler claimed a node, before submitting it
 - ``sched.after_submit``   SIGKILL after a node was submitted, before it is recorded
 """
@@ -128,9 +131,24 @@ def patch_executors(module):
     module.SlurmExecutor.submit = submit_then_maybe_die
 
 
+def patch_evaluator(module):
+    evaluate = module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        if reached("eval.slow"):
+            import time
+
+            time.sleep(float(os.environ.get("CACO_SLOW_EVAL_S", "60")))
+        return evaluate(*args, **kwargs)
+
+    module.evaluate = slow_evaluate
+
+
 PATCHES = {"caco.fileio": patch_fileio, "caco.checkpoint": patch_checkpoint,
            "caco.step": patch_step,
-           "caco.dag.ledger": patch_ledger, "caco.dag.executors": patch_executors}
+           "caco.dag.ledger": patch_ledger, "caco.dag.executors": patch_executors,
+           "evals.knn": patch_evaluator, "evals.linear": patch_evaluator,
+           "evals.detection": patch_evaluator}
 
 
 class _After(importlib.abc.Loader):
