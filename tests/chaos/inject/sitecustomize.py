@@ -35,25 +35,25 @@ def _rank():
     return int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0)))
 
 
-def fires(point):
-    if point not in FAULTS:
-        return False
-    n, rank = FAULTS[point]
-    if rank is not None and rank != _rank():
-        return False
+def _reach(point):
+    """Count one more reaching of ``point`` in this process (on its rank): the count, or 0
+    when no fault is set there."""
+    if point not in FAULTS or FAULTS[point][1] not in (None, _rank()):
+        return 0
     COUNTS[point] = COUNTS.get(point, 0) + 1
-    return COUNTS[point] == n
+    return COUNTS[point]
+
+
+def fires(point):
+    """Whether ``point`` is reached for the n-th time (a one-off fault)."""
+    count = _reach(point)
+    return count > 0 and count == FAULTS[point][0]
 
 
 def reached(point):
     """Whether ``point`` has been reached at least n times (a lasting fault)."""
-    if point not in FAULTS:
-        return False
-    n, rank = FAULTS[point]
-    if rank is not None and rank != _rank():
-        return False
-    COUNTS[point] = COUNTS.get(point, 0) + 1
-    return COUNTS[point] >= n
+    count = _reach(point)
+    return count > 0 and count >= FAULTS[point][0]
 
 
 def die(point):
